@@ -1,0 +1,45 @@
+# Flywheel — the commands a newcomer needs. Everything runs inside .venv (created by `make setup`).
+PY := .venv/bin/python
+export PYTHONUNBUFFERED := 1
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: help setup lock models stack-up stack-down stack-status demo test bench lint
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
+
+setup:  ## create/refresh .venv, .venv-airflow, s3rver from the locks (skipped when unchanged)
+	@bash infra/setup.sh
+
+lock:  ## re-resolve infra/requirements.in into infra/requirements.lock (after changing dependencies)
+	@bash infra/lock.sh
+
+models: setup  ## provision SmolLM2-135M-Instruct, the tiny test model and MiniLM under var/models
+	$(PY) -m infra.models
+
+stack-up: setup  ## start broker + S3 emulator + MLflow (STACK_ARGS=--with-airflow for the Airflow UI)
+	$(PY) -m infra.stack up $(STACK_ARGS)
+
+stack-down:  ## stop everything the stack started (by pid file)
+	@if [ -x $(PY) ]; then $(PY) -m infra.stack down; fi
+
+stack-status:  ## health and endpoints of the stack
+	$(PY) -m infra.stack status
+
+demo: setup  ## the whole loop on SmolLM2: traffic -> dataset -> DPO -> eval -> gate -> promote -> traffic
+	$(PY) -m infra.demo $(DEMO_ARGS)
+
+test: setup  ## install and run the test suite (tiny model, real broker/Spark/MLflow/Airflow)
+	$(PY) -m infra.models --only tiny --only minilm
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: setup  ## benchmarks under tests/benchmarks, each against its baseline in the same run
+	$(PY) -m infra.models
+	$(PY) -m pytest -q -s tests/benchmarks $(PYTEST_ARGS)
+
+lint:  ## ruff
+	$(PY) -m ruff check .

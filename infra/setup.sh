@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# `make setup`: create/refresh .venv, .venv-airflow and the S3 emulator from the committed locks.
+# Idempotent: each part keeps a stamp with the hash of its lock files and is skipped when unchanged.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON="${PYTHON:-python3.11}"
+command -v "$PYTHON" >/dev/null || PYTHON=python3
+hash_of() { cat "$@" | sha256sum | cut -c1-16; }
+
+main_hash=$(hash_of infra/requirements.lock infra/requirements-nodeps.txt pyproject.toml)
+if [[ "$(cat .venv/.flywheel-stamp 2>/dev/null)" != "$main_hash" ]]; then
+  echo "setup: installing the project environment .venv (a few minutes on a cold machine) ..."
+  [[ -x .venv/bin/python ]] || "$PYTHON" -m venv .venv
+  .venv/bin/pip install -q --disable-pip-version-check -r infra/requirements.lock 2>&1 | grep -v "is ignored: it is neither" || true
+  .venv/bin/pip install -q --disable-pip-version-check --no-deps -r infra/requirements-nodeps.txt
+  .venv/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+  .venv/bin/python -c "import torch, transformers, peft, trl, mlflow, pyspark, kafka, fastapi" \
+    || { echo "setup: the project environment does not import; see the pip output above" >&2; exit 1; }
+  echo "$main_hash" > .venv/.flywheel-stamp
+else
+  echo "setup: .venv up to date"
+fi
+
+af_hash=$(hash_of infra/requirements-airflow.lock)
+if [[ "$(cat .venv-airflow/.flywheel-stamp 2>/dev/null)" != "$af_hash" ]]; then
+  echo "setup: installing Airflow 3 into .venv-airflow ..."
+  [[ -x .venv-airflow/bin/python ]] || "$PYTHON" -m venv .venv-airflow
+  .venv-airflow/bin/pip install -q --disable-pip-version-check -r infra/requirements-airflow.lock 2>&1 | grep -v "is ignored: it is neither" || true
+  .venv-airflow/bin/airflow version >/dev/null \
+    || { echo "setup: Airflow does not run from .venv-airflow" >&2; exit 1; }
+  echo "$af_hash" > .venv-airflow/.flywheel-stamp
+else
+  echo "setup: .venv-airflow up to date"
+fi
+
+s3_hash=$(hash_of infra/s3rver/package-lock.json)
+if [[ "$(cat infra/s3rver/node_modules/.flywheel-stamp 2>/dev/null)" != "$s3_hash" ]]; then
+  echo "setup: installing the S3 emulator (s3rver, npm) ..."
+  (cd infra/s3rver && npm ci --no-audit --no-fund --loglevel=error)
+  echo "$s3_hash" > infra/s3rver/node_modules/.flywheel-stamp
+else
+  echo "setup: s3rver up to date"
+fi

@@ -1,0 +1,191 @@
+"""Event contract v1: the `response` and `feedback` events that serving emits and ingest lands.
+
+Both ends validate with these models. `event_id` is the idempotency key everywhere: a producer that
+retries sends the same id, and the landing keeps one row per id. The JSON Schema exported from
+these models is committed under `ingest/schemas/` (`python -m ingest.events --write-schema`), and a
+test fails when the models and the committed schema drift apart.
+
+Wire format: UTF-8 JSON, one event per Kafka record, at most MAX_EVENT_BYTES.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+SCHEMA_VERSION = 1
+MAX_EVENT_BYTES = 256 * 1024
+MAX_TEXT_CHARS = 32_000
+MAX_MESSAGES = 64
+SCHEMA_DIR = Path(__file__).parent / "schemas"
+
+# Ids are opaque but bounded and printable, so they are safe as Kafka keys and file names.
+Id = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@/-]+$")]
+Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
+
+FeedbackKind = Literal["thumbs_up", "thumbs_down", "edit", "regenerate", "copy", "abandon", "dwell", "comment"]
+FEEDBACK_KINDS: tuple[str, ...] = FeedbackKind.__args__  # type: ignore[attr-defined]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "user", "assistant"]
+    content: Text
+
+
+class Sampling(_Strict):
+    temperature: float = Field(ge=0.0, le=5.0)
+    top_p: float = Field(gt=0.0, le=1.0)
+    max_tokens: int = Field(ge=1, le=8192)
+    seed: int | None = None
+
+
+class _EventBase(_Strict):
+    schema_version: Literal[1] = SCHEMA_VERSION
+    event_id: Id
+    created_at: datetime
+    user_id: Id
+    conversation_id: Id
+    response_id: Id
+    adapter_version: str | None = Field(
+        default=None, max_length=256, description="registry version that produced the response; null = base"
+    )
+
+    @model_validator(mode="after")
+    def _aware_timestamp(self):  # noqa: ANN202 - pydantic hook
+        if self.created_at.tzinfo is None:
+            raise ValueError("created_at must carry a timezone (e.g. 2026-11-23T18:00:00Z)")
+        return self
+
+
+class ResponseEvent(_EventBase):
+    """One answer the assistant gave."""
+
+    type: Literal["response"] = "response"
+    prompt: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    completion: Text
+    finish_reason: Literal["stop", "length"]
+    base_model: str = Field(min_length=1, max_length=256)
+    ab_arm: Literal["base", "champion", "challenger", "explicit"] = Field(
+        description="which arm of the A/B split served it (explicit = the request named a version)"
+    )
+    sampling: Sampling
+    completion_logprob: float = Field(
+        le=0.0, description="summed token log-probability of the completion under the serving model"
+    )
+    prompt_tokens: int = Field(ge=0)
+    completion_tokens: int = Field(ge=0)
+    latency_ms: float = Field(ge=0.0)
+    regenerates: Id | None = Field(
+        default=None, description="response_id this answer replaced when the user asked to regenerate"
+    )
+
+
+class FeedbackEvent(_EventBase):
+    """One signal a user gave about a response."""
+
+    type: Literal["feedback"] = "feedback"
+    kind: FeedbackKind
+    edited_text: Text | None = Field(default=None, description="the user's corrected answer (kind=edit)")
+    dwell_seconds: float | None = Field(default=None, ge=0.0, le=86_400.0, description="kind=dwell")
+    comment: Annotated[str, Field(max_length=4_000)] | None = Field(default=None, description="kind=comment")
+
+    @model_validator(mode="after")
+    def _payload_matches_kind(self):  # noqa: ANN202 - pydantic hook
+        needs = {"edit": "edited_text", "dwell": "dwell_seconds", "comment": "comment"}
+        for kind, field in needs.items():
+            present = getattr(self, field) is not None
+            if self.kind == kind and not present:
+                raise ValueError(f"kind={kind} requires the field {field}")
+            if self.kind != kind and present:
+                raise ValueError(f"field {field} is only allowed with kind={kind}, not kind={self.kind}")
+        if self.kind == "edit" and not self.edited_text.strip():
+            raise ValueError("edited_text must not be empty")
+        return self
+
+
+Event = Annotated[ResponseEvent | FeedbackEvent, Field(discriminator="type")]
+_EVENT = TypeAdapter(Event)
+
+
+class EventError(ValueError):
+    """A record that does not satisfy the contract; `reason` is short and names the field."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _describe(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors()[:5]:
+        loc = ".".join(str(p) for p in e["loc"]) or "(event)"
+        parts.append(f"{loc}: {e['msg']}")
+    return "; ".join(parts)
+
+
+def parse_event(raw: bytes | str) -> ResponseEvent | FeedbackEvent:
+    """Decode and validate one wire record, or raise EventError saying what is wrong."""
+    if isinstance(raw, str):
+        raw = raw.encode("utf-8", errors="surrogatepass")
+    if len(raw) > MAX_EVENT_BYTES:
+        raise EventError(f"oversized: {len(raw)} bytes > limit {MAX_EVENT_BYTES}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise EventError(f"invalid UTF-8 at byte {e.start}") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise EventError(f"bad JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    if not isinstance(obj, dict):
+        raise EventError(f"bad JSON: expected an object, got {type(obj).__name__}")
+    version = obj.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise EventError(f"unknown schema_version {version!r}; this consumer reads {SCHEMA_VERSION}")
+    try:
+        return _EVENT.validate_python(obj)
+    except ValidationError as e:
+        raise EventError(_describe(e)) from None
+
+
+def encode_event(event: ResponseEvent | FeedbackEvent) -> bytes:
+    """The wire bytes of an event (compact JSON, UTF-8)."""
+    return event.model_dump_json().encode("utf-8")
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def json_schemas() -> dict[str, dict]:
+    return {
+        f"response.v{SCHEMA_VERSION}.json": ResponseEvent.model_json_schema(),
+        f"feedback.v{SCHEMA_VERSION}.json": FeedbackEvent.model_json_schema(),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Event contract v1: export or check the JSON Schemas.")
+    parser.add_argument("--write-schema", action="store_true", help=f"write the schemas into {SCHEMA_DIR}")
+    args = parser.parse_args(argv)
+    schemas = json_schemas()
+    if args.write_schema:
+        SCHEMA_DIR.mkdir(exist_ok=True)
+        for name, schema in schemas.items():
+            (SCHEMA_DIR / name).write_text(json.dumps(schema, indent=2, sort_keys=True) + "\n")
+            print(f"wrote {SCHEMA_DIR / name}")
+    else:
+        print(json.dumps(schemas, indent=2, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Shared fixtures: a real embedded stack on free ports, and the tiny model.
+
+The `stack` fixture starts the real S3 emulator, the real tansu broker and a real MLflow server,
+each on a free loopback port with its state in a temporary folder, so tests never touch (or
+collide with) a developer's running `var/` stack. It points the environment variables of
+ingest/endpoints.py at them, so every job under test finds them the way it would in production.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class StackInfo:
+    var: Path
+    kafka: str
+    mlflow: str
+    ports: dict[str, int]
+
+
+STACK_COMPONENTS = ("s3", "kafka", "mlflow")
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackInfo]:
+    """A real s3rver + tansu + MLflow for the whole test session (started once, ~8 s)."""
+    from infra import stack as stack_mod
+
+    var = tmp_path_factory.mktemp("flywheel-var")
+    ports = {name: free_port() for name in ("s3", "kafka", "mlflow", "airflow", "serving")}
+    saved = {k: os.environ.get(k) for k in ("FLYWHEEL_VAR", "MLFLOW_TRACKING_URI", "FLYWHEEL_KAFKA_BOOTSTRAP",
+                                            *(f"FLYWHEEL_{n.upper()}_PORT" for n in ports))}
+    os.environ["FLYWHEEL_VAR"] = str(var)
+    for name, port in ports.items():
+        os.environ[f"FLYWHEEL_{name.upper()}_PORT"] = str(port)
+    os.environ.pop("FLYWHEEL_KAFKA_BOOTSTRAP", None)
+    os.environ["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{ports['mlflow']}"
+    # Models live in the repo's var/models (built once by `make test`), not in the temp var.
+    models = REPO / "var" / "models"
+    (var / "models").symlink_to(models, target_is_directory=True) if models.exists() else None
+    try:
+        stack_mod.up(with_airflow=False)
+        yield StackInfo(var=var, kafka=f"127.0.0.1:{ports['kafka']}",
+                        mlflow=f"http://127.0.0.1:{ports['mlflow']}", ports=ports)
+    finally:
+        stack_mod.down()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> str:
+    """Path of the tiny Llama (built by `make test`; built here if missing, ~15 s)."""
+    from infra import models
+
+    path = REPO / "var" / "models" / "tiny-llama"
+    if not (path / "config.json").is_file():
+        old = os.environ.pop("FLYWHEEL_VAR", None)
+        try:
+            models.build_tiny()
+        finally:
+            if old:
+                os.environ["FLYWHEEL_VAR"] = old
+    return str(path)
