@@ -1,0 +1,162 @@
+"""MLflow model-registry helpers for LoRA adapters: register, resolve aliases, download, move aliases.
+
+An adapter is a PEFT folder (adapter_config.json + adapter_model.safetensors) plus a sidecar
+`flywheel_adapter.json` (base model, dataset version, config hash, eval scores). It is logged as
+the artifact `adapter/` of its training run and registered as a version of the registered model
+(default name `flywheel-assistant`). Aliases say what is served:
+
+  champion    what serving answers with
+  challenger  the newest candidate (set at registration); optionally served to an A/B share
+  previous    the champion before the last promotion (rollback target)
+
+Serving imports this module (DESIGN.md allows it: it needs only mlflow, no training code).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from ingest import endpoints
+
+DEFAULT_MODEL_NAME = os.environ.get("FLYWHEEL_MODEL_NAME", "flywheel-assistant")
+SIDECAR = "flywheel_adapter.json"
+ALIASES = ("champion", "challenger", "previous")
+
+
+def client() -> MlflowClient:
+    mlflow.set_tracking_uri(endpoints.mlflow_tracking_uri())
+    return MlflowClient(tracking_uri=endpoints.mlflow_tracking_uri())
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """One registered adapter version."""
+
+    name: str
+    version: str
+    source: str
+    run_id: str | None
+    tags: dict[str, str]
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+    @property
+    def label(self) -> str:
+        """Stable, unique label, e.g. `flywheel-assistant/3`; used as PEFT adapter name and in events."""
+        return f"{self.name}/{self.version}"
+
+
+def _ref(mv) -> AdapterRef:  # noqa: ANN001 - mlflow ModelVersion
+    return AdapterRef(name=mv.name, version=str(mv.version), source=mv.source, run_id=mv.run_id,
+                      tags=dict(mv.tags or {}))
+
+
+def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """`models:/NAME@alias` -> (NAME, None, alias); `models:/NAME/3` -> (NAME, "3", None)."""
+    if not uri.startswith("models:/"):
+        raise ValueError(f"not a registry URI: {uri!r} (expected models:/NAME@alias or models:/NAME/VERSION)")
+    rest = uri[len("models:/"):]
+    if "@" in rest:
+        name, alias = rest.split("@", 1)
+        return name, None, alias
+    if "/" in rest:
+        name, version = rest.rsplit("/", 1)
+        return name, version, None
+    raise ValueError(f"registry URI {uri!r} names no version or alias")
+
+
+def resolve(uri_or_alias: str, name: str = DEFAULT_MODEL_NAME) -> AdapterRef | None:
+    """The version behind `models:/NAME@alias`, `models:/NAME/V` or a bare alias; None if the alias is unset."""
+    if uri_or_alias.startswith("models:/"):
+        name, version, alias = parse_model_uri(uri_or_alias)
+    else:
+        version, alias = (uri_or_alias, None) if uri_or_alias.isdigit() else (None, uri_or_alias)
+    c = client()
+    try:
+        mv = c.get_model_version_by_alias(name, alias) if alias else c.get_model_version(name, version)
+    except MlflowException as e:
+        if "RESOURCE_DOES_NOT_EXIST" in str(e.error_code) or "not found" in str(e).lower():
+            return None
+        raise
+    return _ref(mv)
+
+
+def download(ref: AdapterRef, dst: str | Path) -> Path:
+    """Download an adapter folder (idempotent: an existing complete folder is reused)."""
+    dst = Path(dst) / ref.name / ref.version
+    if (dst / "adapter_config.json").is_file():
+        return dst
+    tmp = dst.with_name(dst.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    local = mlflow.artifacts.download_artifacts(artifact_uri=ref.source, dst_path=str(tmp),
+                                                tracking_uri=endpoints.mlflow_tracking_uri())
+    Path(local).rename(dst) if Path(local) != tmp else tmp.rename(dst)
+    if tmp.exists():
+        tmp.rmdir()
+    if not (dst / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{ref.uri} ({ref.source}) holds no adapter_config.json")
+    return dst
+
+
+def read_sidecar(adapter_dir: str | Path) -> dict:
+    path = Path(adapter_dir) / SIDECAR
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def register_adapter(adapter_dir: str | Path, run_id: str, name: str = DEFAULT_MODEL_NAME,
+                     alias: str | None = "challenger", tags: dict[str, str] | None = None,
+                     artifact_path: str = "adapter") -> AdapterRef:
+    """Log `adapter_dir` as artifact `adapter/` of `run_id` and register it as a new version.
+
+    mlflow.register_model needs a logged model, so the version is created from the artifact folder
+    directly (STACK-NOTES: create_model_version with the run's artifact URI works).
+    """
+    c = client()
+    c.log_artifacts(run_id, str(adapter_dir), artifact_path=artifact_path)
+    try:
+        c.create_registered_model(name, description="LoRA adapters trained from user feedback by Flywheel")
+    except MlflowException as e:
+        if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code):
+            raise
+    run = c.get_run(run_id)
+    all_tags = {**(tags or {}), **{k: str(v) for k, v in read_sidecar(adapter_dir).items()
+                                   if isinstance(v, str | int | float)}}
+    mv = c.create_model_version(name, source=f"{run.info.artifact_uri}/{artifact_path}", run_id=run_id,
+                                tags=all_tags)
+    for _ in range(50):  # wait until READY (immediate for file stores, but be safe)
+        mv = c.get_model_version(name, mv.version)
+        if mv.status == "READY":
+            break
+        time.sleep(0.1)
+    if alias:
+        c.set_registered_model_alias(name, alias, mv.version)
+    return _ref(mv)
+
+
+def set_alias(alias: str, version: str, name: str = DEFAULT_MODEL_NAME) -> None:
+    client().set_registered_model_alias(name, alias, str(version))
+
+
+def delete_alias(alias: str, name: str = DEFAULT_MODEL_NAME) -> None:
+    with contextlib.suppress(MlflowException):
+        client().delete_registered_model_alias(name, alias)
+
+
+def aliases(name: str = DEFAULT_MODEL_NAME) -> dict[str, str]:
+    """alias -> version for the registered model ({} when it does not exist yet)."""
+    try:
+        rm = client().get_registered_model(name)
+    except MlflowException:
+        return {}
+    return {a: str(v) for a, v in (rm.aliases or {}).items()}
