@@ -1,0 +1,574 @@
+"""Evaluate a candidate adapter against the champion (or the base model) and log it to MLflow.
+
+    python -m training.evaluate --candidate models:/flywheel-assistant@challenger \
+        --baseline models:/flywheel-assistant@champion [--suite training/configs/evaluate.yaml] [key=value ...]
+
+Both models answer the same prompts with the same seeds (batched, left padding, cut at the first
+eos); a judge scores the answers (the trained reward model by default, `judge=rule:uses_list` for
+the demo's simulated users). Metrics, all candidate-vs-baseline on the same prompts:
+
+  win_rate (+ bootstrap CI over prompts, ties = 1/2), lc_win_rate (length-controlled), length_drift,
+  kl_per_token (candidate || base), over-refusal on benign prompts, compliance with harmful prompts,
+  agreement with false premises, regression exact match, held-out preference accuracy and implicit
+  reward margin on the dataset's eval split.
+
+No champion yet -> the baseline is the base model. The run is tagged with the candidate's model
+version (and the version with `eval_run_id`), so the gate and the UI find one from the other. A
+markdown report and a PNG chart are logged as artifacts. The last stdout line is JSON:
+{"run_id", "candidate", "baseline", "metrics"[, "gate"]}.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from collections.abc import Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from training.gate import job_argv
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_SUITE = REPO / "training" / "configs" / "evaluate.yaml"
+Messages = list[dict[str, str]]
+
+
+@dataclass
+class Config:
+    """Evaluation suite: what to compare, on which prompts, how to generate, how to score.
+
+    Models:
+      candidate: registry URI (models:/NAME@alias or models:/NAME/V) or a local adapter folder
+      baseline: same, or "base"; an unset alias (no champion yet) means the base model
+      base_model: base model setting used when the candidate's sidecar names none (tiny, smollm2, path)
+    Judge:
+      judge: rm[:URI] | rule:uses_list | rule:length | rule:concise | llm:MODEL@URL (see training.judges)
+    Prompts:
+      eval_data: folder with heldout/benign/harmful/sycophancy/regression .jsonl sets
+      winrate_prompts: auto = the dataset's eval-split prompts when the candidate has a dataset version,
+        else eval_data/heldout.jsonl; dataset / file force one
+      n_winrate, n_benign, n_harmful, n_sycophancy, n_regression: prompts per set (0 skips the set)
+    Generation:
+      max_new_tokens, batch_size, temperature (0 = greedy), top_p, seed, dtype
+    Statistics:
+      bootstrap: resamples for confidence intervals; confidence: CI level
+    Preference data:
+      dataset_version: "" = the candidate's sidecar dataset_version; "none" skips the preference metrics
+      n_pref_pairs: held-out DPO pairs to score; beta: implicit-reward scale (0 = the sidecar's, else 0.1)
+    Output:
+      experiment: MLflow experiment; report_dir: "" = var/eval/<run id>; gate: also apply the release
+        gate (training.gate) with gate_config and record its decision
+    """
+
+    candidate: str = "models:/flywheel-assistant@challenger"
+    baseline: str = "models:/flywheel-assistant@champion"
+    base_model: str = "smollm2"
+    judge: str = "rm"
+    eval_data: str = "training/eval_data"
+    winrate_prompts: Literal["auto", "dataset", "file"] = "auto"
+    n_winrate: int = 48
+    n_benign: int = 24
+    n_harmful: int = 12
+    n_sycophancy: int = 12
+    n_regression: int = 16
+    max_new_tokens: int = 64
+    batch_size: int = 16
+    temperature: float = 0.7
+    top_p: float = 0.95
+    seed: int = 0
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    bootstrap: int = 2000
+    confidence: float = 0.95
+    dataset_version: str = ""
+    n_pref_pairs: int = 64
+    beta: float = 0.0
+    experiment: str = "flywheel-eval"
+    report_dir: str = ""
+    gate: bool = False
+    gate_config: str = "training/configs/gate.yaml"
+
+
+# --- statistics (pure) ------------------------------------------------------------------------
+
+
+def outcomes(cand_scores: Sequence[float], base_scores: Sequence[float]) -> np.ndarray:
+    """Per-prompt result for the candidate: 1 win, 0.5 tie, 0 loss."""
+    c, b = np.asarray(cand_scores, float), np.asarray(base_scores, float)
+    return np.where(c > b, 1.0, np.where(c < b, 0.0, 0.5))
+
+
+def bootstrap_ci(values: Sequence[float], n_boot: int = 2000, confidence: float = 0.95, seed: int = 0,
+                 stat=np.mean) -> tuple[float, float]:  # noqa: ANN001
+    """Percentile bootstrap CI of `stat` over `values` (resampled with replacement, one value per prompt)."""
+    x = np.asarray(values, float)
+    if len(x) == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(x), size=(n_boot, len(x)))
+    stats = np.array([stat(x[i]) for i in idx]) if stat is not np.mean else x[idx].mean(axis=1)
+    alpha = (1 - confidence) / 2
+    return float(np.quantile(stats, alpha)), float(np.quantile(stats, 1 - alpha))
+
+
+def lc_win_rate(results: Sequence[float], len_diff: Sequence[float], l2: float = 1e-2, iters: int = 50) -> float:
+    """Length-controlled win rate: fit P(win) = sigmoid(a + b * tanh(d / sd(d))) and report sigmoid(a).
+
+    The same idea as AlpacaEval's length-controlled win rate: the intercept is the win rate the
+    candidate would have if its answers were as long as the baseline's. Ties enter as 1/2 targets of
+    the logistic likelihood. A small L2 penalty on b keeps the fit finite when length alone
+    separates wins from losses (then the answer is ~1/2 for symmetric length differences).
+    """
+    y = np.asarray(results, float)
+    d = np.asarray(len_diff, float)
+    if len(y) == 0:
+        return float("nan")
+    sd = d.std()
+    x = np.tanh(d / sd) if sd > 0 else np.zeros_like(d)
+    X = np.stack([np.ones_like(x), x], axis=1)
+    w = np.zeros(2)
+    reg = np.diag([1e-6, l2]) * len(y)
+    for _ in range(iters):  # Newton-Raphson on the penalised log-likelihood
+        p = 1 / (1 + np.exp(-(X @ w)))
+        grad = X.T @ (y - p) - reg @ w
+        hess = X.T @ (X * (p * (1 - p))[:, None]) + reg
+        step = np.linalg.solve(hess, grad)
+        w += step
+        if np.abs(step).max() < 1e-8:
+            break
+    return float(1 / (1 + math.exp(-w[0])))
+
+
+def rate(flags: Sequence[bool]) -> float:
+    return float(np.mean(flags)) if len(flags) else float("nan")
+
+
+# --- prompts ------------------------------------------------------------------------------------
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise FileNotFoundError(f"eval prompt set {path} is missing; set eval_data= to a folder holding it")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def take(rows: list[dict], n: int, seed: int) -> list[dict]:
+    """The first n rows of a seeded shuffle, so a smaller suite is a fixed random subset."""
+    rows = list(rows)
+    random.Random(seed).shuffle(rows)
+    return rows[:n]
+
+
+def dataset_rows(version: str, kind: str, split: str = "eval") -> list[dict]:
+    """Rows of a dataset partition, read from the Parquet layout of the shared data contract."""
+    import pyarrow.parquet as pq
+
+    from ingest import endpoints
+
+    folder = endpoints.var_dir() / "datasets" / kind / f"version={version}" / f"split={split}"
+    files = sorted(folder.glob("*.parquet"))
+    if not files:
+        return []
+    return [r for f in files for r in pq.read_table(f).to_pylist()]
+
+
+def winrate_prompts(cfg: Config, dataset_version: str | None) -> tuple[list[Messages], str]:
+    """Held-out prompts for the win rate, and a label of where they came from."""
+    if cfg.winrate_prompts != "file" and dataset_version:
+        seen: dict[str, Messages] = {}
+        for kind in ("dpo", "kto", "sft"):
+            for r in dataset_rows(dataset_version, kind):
+                seen.setdefault(r["prompt_id"], json.loads(r["prompt_json"]))
+        if seen:
+            rows = [{"messages": seen[k]} for k in sorted(seen)]
+            return [r["messages"] for r in take(rows, cfg.n_winrate, cfg.seed)], f"dataset {dataset_version} eval split"
+    if cfg.winrate_prompts == "dataset":
+        raise FileNotFoundError(f"winrate_prompts=dataset but dataset version {dataset_version!r} has no eval-split "
+                                f"rows under datasets/<kind>/version=.../split=eval; build one or use winrate_prompts=file")
+    rows = read_jsonl(_data_dir(cfg) / "heldout.jsonl")
+    return [r["messages"] for r in take(rows, cfg.n_winrate, cfg.seed)], "eval_data/heldout.jsonl"
+
+
+def _data_dir(cfg: Config) -> Path:
+    p = Path(cfg.eval_data)
+    return p if p.is_absolute() else REPO / p
+
+
+# --- models -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Side:
+    """One side of the comparison: an adapter (name used inside the PEFT model) or the base model."""
+
+    label: str           # e.g. flywheel-assistant/3, or "base"
+    adapter: str | None  # PEFT adapter name, None = base model
+    ref: Any = None      # registry.AdapterRef when it came from the registry
+    sidecar: dict | None = None
+
+
+def resolve_side(spec: str, cache: Path, allow_missing: bool) -> tuple[Side, Path | None]:
+    """A registry URI, a local adapter folder or "base" -> (Side, adapter folder or None)."""
+    from training import registry
+
+    if spec in ("", "base"):
+        return Side("base", None), None
+    local = Path(spec)
+    if local.is_dir():
+        return Side(str(local), "local-" + local.name, None, registry.read_sidecar(local)), local
+    ref = registry.resolve(spec)
+    if ref is None:
+        if allow_missing:
+            return Side("base", None), None
+        raise SystemExit(f"{spec} does not resolve to a model version; register a candidate first "
+                         f"(training.dpo registers it as @challenger)")
+    folder = registry.download(ref, cache)
+    return Side(ref.label, "v" + ref.version, ref, registry.read_sidecar(folder)), folder
+
+
+class Policies:
+    """One base model with the compared LoRA adapters attached by name; the base is the adapters-off model."""
+
+    def __init__(self, base_path: str, adapters: dict[str, Path], dtype: str):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.torch = torch
+        self.tok = AutoTokenizer.from_pretrained(base_path)
+        self.tok.padding_side = "left"  # batched generation needs left padding
+        if self.tok.pad_token is None:
+            self.tok.pad_token = self.tok.eos_token
+        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=getattr(torch, dtype))
+        if adapters:
+            from peft import PeftModel
+
+            (first, first_dir), *rest = adapters.items()
+            model = PeftModel.from_pretrained(model, str(first_dir), adapter_name=first)
+            for name, folder in rest:
+                model.load_adapter(str(folder), adapter_name=name)
+        self.model = model.eval()
+        self.eos = self.tok.eos_token_id
+
+    @contextmanager
+    def use(self, adapter: str | None):
+        if adapter is None:
+            if hasattr(self.model, "disable_adapter"):
+                with self.model.disable_adapter():
+                    yield self.model
+            else:
+                yield self.model
+        else:
+            self.model.set_adapter(adapter)
+            yield self.model
+
+    def _prompt_ids(self, messages: Messages) -> list[int]:
+        text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def generate(self, adapter: str | None, prompts: list[Messages], cfg: Config, desc: str) -> list[dict]:
+        """Answers for `prompts`: [{"text", "ids", "truncated"}]; batch b always uses seed cfg.seed + b."""
+        from tqdm import tqdm
+
+        torch = self.torch
+        out: list[dict] = []
+        batches = [prompts[i:i + cfg.batch_size] for i in range(0, len(prompts), cfg.batch_size)]
+        with self.use(adapter) as model, torch.no_grad():
+            for b, batch in enumerate(tqdm(batches, desc=desc, leave=False, disable=None)):
+                ids = [self._prompt_ids(m) for m in batch]
+                width = max(map(len, ids))
+                input_ids = torch.tensor([[self.tok.pad_token_id] * (width - len(x)) + x for x in ids])
+                mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+                torch.manual_seed(cfg.seed + b)  # same seeds for both sides: differences come from the model
+                sampling = {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p} \
+                    if cfg.temperature > 0 else {"do_sample": False}
+                gen = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=cfg.max_new_tokens,
+                                     eos_token_id=self.eos, pad_token_id=self.tok.pad_token_id, **sampling)
+                for row in gen[:, width:].tolist():
+                    cut = row.index(self.eos) if self.eos in row else len(row)  # cut at the first eos
+                    out.append({"text": self.tok.decode(row[:cut], skip_special_tokens=True).strip(),
+                                "ids": row[:cut], "truncated": cut == len(row)})
+        return out
+
+    def _batch_logits(self, model, seqs: list[list[int]]):  # noqa: ANN001
+        torch = self.torch
+        width = max(map(len, seqs))
+        input_ids = torch.tensor([[self.tok.pad_token_id] * (width - len(s)) + s for s in seqs])
+        mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
+        return model(input_ids=input_ids, attention_mask=mask).logits.float(), width
+
+    def completion_logprobs(self, adapter: str | None, prompts: list[Messages], completions: list[str],
+                            batch_size: int) -> np.ndarray:
+        """Sum of log p(completion tokens + eos | prompt) per row, as TRL scores a DPO completion."""
+        torch = self.torch
+        out = []
+        with self.use(adapter) as model, torch.no_grad():
+            for i in range(0, len(prompts), batch_size):
+                p_ids = [self._prompt_ids(m) for m in prompts[i:i + batch_size]]
+                c_ids = [self.tok(c, add_special_tokens=False)["input_ids"] + [self.eos]
+                         for c in completions[i:i + batch_size]]
+                seqs = [p + c for p, c in zip(p_ids, c_ids, strict=True)]
+                logits, width = self._batch_logits(model, seqs)
+                logp = torch.log_softmax(logits[:, :-1], -1)
+                for r, (s, c) in enumerate(zip(seqs, c_ids, strict=True)):
+                    start = width - len(c)  # positions of the completion tokens in the padded row
+                    tgt = torch.tensor(s[-len(c):])
+                    out.append(logp[r, start - 1:width - 1].gather(-1, tgt[:, None]).sum().item())
+        return np.array(out)
+
+    def kl_to_base(self, adapter: str, prompts: list[Messages], answers: list[dict], batch_size: int) -> list[float]:
+        """Per-answer mean over its tokens of the exact KL(candidate || base) of the next-token distributions."""
+        torch = self.torch
+        per_answer: list[float] = []
+        with torch.no_grad():
+            for i in range(0, len(prompts), batch_size):
+                seqs, n_gen = [], []
+                for m, a in zip(prompts[i:i + batch_size], answers[i:i + batch_size], strict=True):
+                    ids = a["ids"] + ([] if a["truncated"] else [self.eos])
+                    seqs.append(self._prompt_ids(m) + ids)
+                    n_gen.append(len(ids))
+                with self.use(adapter) as model:
+                    lc, width = self._batch_logits(model, seqs)
+                with self.use(None) as model:
+                    lb, _ = self._batch_logits(model, seqs)
+                lpc, lpb = torch.log_softmax(lc, -1), torch.log_softmax(lb, -1)
+                kl = (lpc.exp() * (lpc - lpb)).sum(-1)  # [batch, positions]
+                for r, n in enumerate(n_gen):
+                    per_answer.append(kl[r, width - 1 - n:width - 1].mean().item() if n else 0.0)
+        return per_answer
+
+
+# --- the suite ----------------------------------------------------------------------------------
+
+
+def run_suite(cfg: Config, pol: Policies, cand: Side, base: Side, judge, dataset_version: str | None,
+              beta: float) -> tuple[dict[str, float], dict[str, Any]]:  # noqa: ANN001
+    """All metrics (flat dict of floats) plus details for the report (samples, sources)."""
+    from training import judges
+
+    m: dict[str, float] = {}
+    details: dict[str, Any] = {"samples": {}}
+    data = _data_dir(cfg)
+
+    def both(prompts: list[Messages], name: str) -> tuple[list[dict], list[dict]]:
+        a = pol.generate(cand.adapter, prompts, cfg, f"{name}: candidate")
+        b = pol.generate(base.adapter, prompts, cfg, f"{name}: baseline")
+        details["samples"][name] = [{"prompt": p[-1]["content"], "candidate": x["text"], "baseline": y["text"]}
+                                    for p, x, y in zip(prompts, a, b, strict=True)]
+        return a, b
+
+    # Win rate, length control, length drift, KL on held-out prompts.
+    prompts, source = winrate_prompts(cfg, dataset_version)
+    details["winrate_source"] = source
+    if prompts:
+        a, b = both(prompts, "winrate")
+        sa = judge.score(prompts, [x["text"] for x in a])
+        sb = judge.score(prompts, [x["text"] for x in b])
+        res = outcomes(sa, sb)
+        la = np.array([judges.word_count(x["text"]) for x in a], float)
+        lb = np.array([judges.word_count(x["text"]) for x in b], float)
+        lo, hi = bootstrap_ci(res, cfg.bootstrap, cfg.confidence, cfg.seed)
+        m.update(win_rate=float(res.mean()), win_rate_ci_low=lo, win_rate_ci_high=hi, n_winrate=len(res),
+                 wins=float((res == 1).sum()), ties=float((res == 0.5).sum()), losses=float((res == 0).sum()),
+                 lc_win_rate=lc_win_rate(res, la - lb),
+                 judge_score_candidate=float(np.mean(sa)), judge_score_baseline=float(np.mean(sb)),
+                 length_candidate=float(la.mean()), length_baseline=float(lb.mean()),
+                 length_drift=float((la.mean() - lb.mean()) / max(lb.mean(), 1.0)),
+                 truncated_candidate=rate([x["truncated"] for x in a]),
+                 truncated_baseline=rate([x["truncated"] for x in b]),
+                 list_rate_candidate=rate([judges.uses_list(x["text"]) for x in a]),
+                 list_rate_baseline=rate([judges.uses_list(x["text"]) for x in b]))
+        if cand.adapter is not None:
+            kl = pol.kl_to_base(cand.adapter, prompts, a, cfg.batch_size)
+            m["kl_per_token"] = float(np.mean(kl))
+        else:
+            m["kl_per_token"] = 0.0
+
+    def pair_rates(file: str, n: int, name: str, flag) -> tuple[float, float] | None:  # noqa: ANN001
+        if n <= 0:
+            return None
+        rows = take(read_jsonl(data / file), n, cfg.seed)
+        a, b = both([r["messages"] for r in rows], name)
+        return (rate([flag(r, x["text"]) for r, x in zip(rows, a, strict=True)]),
+                rate([flag(r, x["text"]) for r, x in zip(rows, b, strict=True)]))
+
+    if r := pair_rates("benign.jsonl", cfg.n_benign, "benign", lambda r, t: judges.is_refusal(t)):
+        m.update(refusal_rate_candidate=r[0], refusal_rate_baseline=r[1], over_refusal_delta=r[0] - r[1])
+    if r := pair_rates("harmful.jsonl", cfg.n_harmful, "harmful", lambda r, t: not judges.is_refusal(t)):
+        m.update(harmful_compliance_candidate=r[0], harmful_compliance_baseline=r[1],
+                 harmful_compliance_delta=r[0] - r[1])
+    if r := pair_rates("sycophancy.jsonl", cfg.n_sycophancy, "sycophancy",
+                       lambda r, t: not judges.pushes_back(t, r.get("corrections", []))):
+        m.update(sycophancy_candidate=r[0], sycophancy_baseline=r[1], sycophancy_delta=r[0] - r[1])
+    if r := pair_rates("regression.jsonl", cfg.n_regression, "regression",
+                       lambda r, t: judges.answer_matches(t, r["answers"])):
+        m.update(regression_em_candidate=r[0], regression_em_baseline=r[1], regression_em_delta=r[0] - r[1])
+
+    # Held-out preference accuracy: does the candidate's implicit reward rank chosen above rejected?
+    pairs = take(dataset_rows(dataset_version, "dpo"), cfg.n_pref_pairs, cfg.seed) if dataset_version else []
+    details["pref_pairs"] = len(pairs)
+    if pairs and cand.adapter is not None:
+        ps = [json.loads(r["prompt_json"]) for r in pairs]
+        ref_c = pol.completion_logprobs(None, ps, [r["chosen"] for r in pairs], cfg.batch_size)
+        ref_r = pol.completion_logprobs(None, ps, [r["rejected"] for r in pairs], cfg.batch_size)
+        for side, key in ((cand, ""), (base, "_baseline")):
+            if side.adapter is None:
+                continue
+            pc = pol.completion_logprobs(side.adapter, ps, [r["chosen"] for r in pairs], cfg.batch_size)
+            pr = pol.completion_logprobs(side.adapter, ps, [r["rejected"] for r in pairs], cfg.batch_size)
+            margin = beta * ((pc - ref_c) - (pr - ref_r))
+            m[f"pref_accuracy{key}"] = float((margin > 0).mean())
+            m[f"pref_margin{key}"] = float(margin.mean())
+        m["n_pref_pairs"] = float(len(pairs))
+    return m, details
+
+
+# --- report -------------------------------------------------------------------------------------
+
+CHART_METRICS = [  # (label, candidate key, baseline key or a fixed reference)
+    ("win rate", "win_rate", 0.5), ("LC win rate", "lc_win_rate", 0.5),
+    ("list rate", "list_rate_candidate", "list_rate_baseline"),
+    ("benign refusal", "refusal_rate_candidate", "refusal_rate_baseline"),
+    ("harmful compliance", "harmful_compliance_candidate", "harmful_compliance_baseline"),
+    ("sycophancy", "sycophancy_candidate", "sycophancy_baseline"),
+    ("regression EM", "regression_em_candidate", "regression_em_baseline"),
+    ("pref accuracy", "pref_accuracy", 0.5),
+]
+
+
+def write_chart(m: dict[str, float], path: Path, cand: str, base: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [(lbl, m[c], m.get(b, float("nan")) if isinstance(b, str) else b) for lbl, c, b in CHART_METRICS if c in m]
+    fig, ax = plt.subplots(figsize=(9, 3.8))
+    x = np.arange(len(rows))
+    ax.bar(x - 0.2, [r[1] for r in rows], 0.4, label=f"candidate {cand}")
+    ax.bar(x + 0.2, [r[2] for r in rows], 0.4, label=f"baseline {base} (0.5 = parity)", color="#999")
+    if "win_rate" in m:
+        ax.errorbar([0 - 0.2], [m["win_rate"]], yerr=[[m["win_rate"] - m["win_rate_ci_low"]],
+                                                      [m["win_rate_ci_high"] - m["win_rate"]]], fmt="none", c="k")
+    ax.set_xticks(x, [r[0] for r in rows], rotation=20, ha="right")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    ax.set_title("candidate vs baseline")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(m: dict[str, float], details: dict, cfg: Config, cand: Side, base: Side, judge_name: str,
+                 folder: Path, gate_lines: list[str] | None) -> Path:
+    lines = [f"# Evaluation: {cand.label} vs {base.label}", "",
+             f"- judge: `{judge_name}`; win-rate prompts: {details.get('winrate_source')}; "
+             f"preference pairs: {details.get('pref_pairs', 0)}",
+             f"- generation: max_new_tokens={cfg.max_new_tokens}, temperature={cfg.temperature}, top_p={cfg.top_p}, "
+             f"seed={cfg.seed}, dtype={cfg.dtype}", ""]
+    if "win_rate" in m:
+        lines += [f"**Win rate {m['win_rate']:.3f}** ({cfg.confidence:.0%} bootstrap CI {m['win_rate_ci_low']:.3f}–"
+                  f"{m['win_rate_ci_high']:.3f}; {m['wins']:.0f} wins / {m['ties']:.0f} ties / {m['losses']:.0f} "
+                  f"losses), length-controlled {m['lc_win_rate']:.3f}, length drift {m['length_drift']:+.1%}.", ""]
+    lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {v:.4f} |" for k, v in sorted(m.items())]
+    if gate_lines:
+        lines += ["", "## Gate", ""] + [f"- {ln}" for ln in gate_lines]
+    lines += ["", "![metrics](chart.png)", "", "## Sample answers", ""]
+    for name, rows in details["samples"].items():
+        for r in rows[:3]:
+            lines += [f"**{name}** — {r['prompt']}", "", "candidate:", "```", r["candidate"], "```",
+                      "baseline:", "```", r["baseline"], "```", ""]
+    path = folder / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# --- job ----------------------------------------------------------------------------------------
+
+
+def main(cfg: Config) -> dict[str, Any]:
+    import mlflow
+
+    from ingest import endpoints
+    from ingest.config import to_dict
+    from training import gate, judges, registry
+
+    t0 = time.monotonic()
+    cache = endpoints.var_dir() / "adapters"
+    cand, cand_dir = resolve_side(cfg.candidate, cache, allow_missing=False)
+    if cand.adapter is None:
+        raise SystemExit("the candidate must be an adapter (registry URI or folder), not the base model")
+    base, base_dir = resolve_side(cfg.baseline, cache, allow_missing=True)
+    if base.adapter == cand.adapter:
+        base.adapter = "baseline-" + base.adapter  # same version on both sides still gets two names
+    sidecar = cand.sidecar or {}
+    base_model = sidecar.get("base_model") or cfg.base_model
+    if base.sidecar and base.sidecar.get("base_model") not in (None, base_model):
+        raise SystemExit(f"candidate is on base model {base_model!r} but the baseline {base.label} is on "
+                         f"{base.sidecar['base_model']!r}; compare adapters of one base model")
+    dataset_version = None if cfg.dataset_version == "none" else (cfg.dataset_version or sidecar.get("dataset_version"))
+    beta = cfg.beta or float((sidecar.get("config") or {}).get("beta", 0.1) or 0.1)
+    judge = judges.make_judge(cfg.judge)
+
+    adapters = {cand.adapter: cand_dir}
+    if base.adapter:
+        adapters[base.adapter] = base_dir
+    pol = Policies(endpoints.model_path(base_model), adapters, cfg.dtype)
+    metrics, details = run_suite(cfg, pol, cand, base, judge, dataset_version, beta)
+    elapsed = time.monotonic() - t0
+    n_prompts = sum(len(v) for v in details["samples"].values())
+    metrics.update(eval_seconds=elapsed, prompts_per_second=2 * n_prompts / elapsed)
+
+    decision = gate.decide(metrics, gate.load_policy(REPO / cfg.gate_config if not Path(cfg.gate_config).is_absolute()
+                                                     else cfg.gate_config)) if cfg.gate else None
+
+    registry.client()  # sets the tracking URI
+    mlflow.set_experiment(cfg.experiment)
+    tags = {"flywheel.kind": "evaluation", "flywheel.candidate": cand.label, "flywheel.baseline": base.label,
+            "flywheel.judge": judge.name, "flywheel.base_model": base_model,
+            "flywheel.dataset_version": dataset_version or "", "flywheel.winrate_source": details["winrate_source"]}
+    if cand.ref is not None:
+        tags.update({"flywheel.candidate_name": cand.ref.name, "flywheel.candidate_version": cand.ref.version,
+                     "flywheel.candidate_run_id": cand.ref.run_id or ""})
+    with mlflow.start_run(run_name=f"eval {cand.label} vs {base.label}", tags=tags) as run:
+        run_id = run.info.run_id
+        mlflow.log_params({k: str(v)[:500] for k, v in to_dict(cfg).items()})
+        mlflow.log_metrics(metrics)
+        folder = Path(cfg.report_dir) if cfg.report_dir else endpoints.var_dir() / "eval" / run_id
+        folder.mkdir(parents=True, exist_ok=True)
+        write_chart(metrics, folder / "chart.png", cand.label, base.label)
+        write_report(metrics, details, cfg, cand, base, judge.name, folder, decision.lines if decision else None)
+        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        with open(folder / "samples.jsonl", "w") as f:
+            for name, rows in details["samples"].items():
+                for r in rows:
+                    f.write(json.dumps({"set": name, **r}) + "\n")
+        mlflow.log_artifacts(str(folder), artifact_path="report")
+    if cand.ref is not None:  # link the model version to its evaluation
+        c = registry.client()
+        c.set_model_version_tag(cand.ref.name, cand.ref.version, "eval_run_id", run_id)
+        c.set_model_version_tag(cand.ref.name, cand.ref.version, "eval.baseline", base.label)
+        for k in ("win_rate", "win_rate_ci_low", "lc_win_rate", "length_drift"):
+            if k in metrics:
+                c.set_model_version_tag(cand.ref.name, cand.ref.version, f"eval.{k}", f"{metrics[k]:.4f}")
+    if decision is not None:
+        gate.record(decision, run_id, cand.ref)
+    result: dict[str, Any] = {"run_id": run_id, "candidate": cand.label, "baseline": base.label,
+                              "report": str(folder / "report.md"),
+                              "metrics": {k: round(v, 6) for k, v in metrics.items()}}
+    if decision is not None:
+        result["gate"] = {"passed": decision.passed, "lines": decision.lines}
+    print(json.dumps(result), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    from ingest.config import parse_config
+
+    main(parse_config(Config, job_argv(sys.argv[1:], {"--candidate": "candidate", "--baseline": "baseline",
+                                                        "--suite": "--config", "--judge": "judge"}, DEFAULT_SUITE)))
