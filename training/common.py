@@ -1,0 +1,347 @@
+"""Blocks the training jobs share: device/precision, datasets, the start adapter, MLflow tracking, sidecars.
+
+Kept as plain functions (no trainer base class, STYLE.md 5): dpo.py, kto.py, reward_model.py and ppo.py
+each read top to bottom and call these where they do the same thing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from ingest import endpoints
+from ingest.config import to_dict
+from training import registry
+
+DATASET_KINDS = ("dpo", "kto", "sft")
+
+
+# --- device and precision ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Hardware:
+    """What this process trains on and in which precision."""
+
+    device: str  # "cuda" | "mps" | "cpu"
+    precision: str  # "bf16" | "fp16" | "fp32"
+    n_devices: int  # processes launched by accelerate/torchrun (WORLD_SIZE), else 1
+    name: str
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU has native bf16 matmuls (avx512_bf16 / AMX); emulated bf16 is slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def detect_hardware(precision: str = "auto") -> Hardware:
+    """Pick the device and precision; `precision` is auto | bf16 | fp16 | fp32.
+
+    auto: bf16 on GPUs that support it (Ampere+), fp16 on older GPUs, bf16 on CPUs with native bf16
+    (measured 2x faster than fp32 here, STACK-NOTES), else fp32.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if torch.cuda.is_available():
+        device, name = "cuda", torch.cuda.get_device_name(0)
+        auto = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        device, name, auto = "mps", "Apple MPS", "fp32"
+    else:
+        device, name = "cpu", f"CPU x{torch.get_num_threads()} threads"
+        auto = "bf16" if cpu_has_bf16() else "fp32"
+    chosen = auto if precision == "auto" else precision
+    if chosen not in ("bf16", "fp16", "fp32"):
+        raise ValueError(f"precision={precision!r} is not one of auto, bf16, fp16, fp32")
+    if chosen == "fp16" and device == "cpu":
+        raise ValueError("precision=fp16 needs a GPU; use precision=bf16 or fp32 on CPU")
+    return Hardware(device=device, precision=chosen, n_devices=world, name=name)
+
+
+def trainer_device_kwargs(hw: Hardware) -> dict[str, Any]:
+    """TrainingArguments keys for `hw`. TRL configs default to bf16 + GPU, so CPU must be explicit."""
+    return {"use_cpu": hw.device == "cpu", "bf16": hw.precision == "bf16", "fp16": hw.precision == "fp16"}
+
+
+def peak_memory_mb(device: str) -> float:
+    """Peak memory of this process: GPU allocator peak on CUDA, max RSS on CPU."""
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024
+
+
+# --- configs, hashes, sidecars ----------------------------------------------------------------
+
+def config_hash(cfg: Any, exclude: tuple[str, ...] = ("output_dir", "run_name")) -> str:
+    """sha256 of the settings that change the result (paths and names excluded), for sidecars and resume."""
+    tree = {k: v for k, v in to_dict(cfg).items() if k not in exclude}
+    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()
+
+
+def write_sidecar(adapter_dir: Path, *, trainer: str, cfg: Any, base_model: str, base_model_path: str,
+                  dataset_version: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write `flywheel_adapter.json` (the shared sidecar contract) next to the adapter weights."""
+    sidecar = {
+        "base_model": base_model,
+        "base_model_path": base_model_path,
+        "dataset_version": dataset_version,
+        "config_hash": config_hash(cfg),
+        "config": to_dict(cfg),
+        "trainer": trainer,
+        **(extra or {}),
+    }
+    (adapter_dir / registry.SIDECAR).write_text(json.dumps(sidecar, indent=2, sort_keys=True))
+    return sidecar
+
+
+def default_output_dir(job: str, dataset_version: str, cfg: Any) -> Path:
+    """var/runs/<job>/<version>-<hash>: the same data and settings land in the same folder, so a re-run resumes."""
+    return endpoints.var_dir() / "runs" / job / f"{dataset_version}-{config_hash(cfg)[:10]}"
+
+
+def last_checkpoint(checkpoints_dir: Path) -> str | None:
+    """The newest complete `checkpoint-N` folder (Trainer writes trainer_state.json last)."""
+    if not checkpoints_dir.is_dir():
+        return None
+    done = [p for p in checkpoints_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None
+
+
+def emit_result(result: dict[str, Any]) -> None:
+    """The job's last stdout line: one JSON object the DAG parses (run_id, model_version, adapter_dir...)."""
+    print(json.dumps(result, sort_keys=True, default=str), flush=True)
+
+
+# --- datasets -----------------------------------------------------------------------------------
+
+def datasets_root() -> Path:
+    return endpoints.var_dir() / "datasets"
+
+
+def resolve_version(version: str) -> str:
+    """`latest` -> the newest manifest's version; anything else is returned after checking it exists."""
+    root = datasets_root()
+    if version in ("", "latest"):
+        manifests = sorted((root / "manifests").glob("*.json"), key=lambda p: p.stat().st_mtime)
+        if not manifests:
+            raise FileNotFoundError(f"no dataset manifests under {root / 'manifests'}; build a dataset first "
+                                    f"(python -m ingest.build_dataset) or set dataset_version=<V>")
+        return manifests[-1].stem
+    if not any((root / kind / f"version={version}").is_dir() for kind in DATASET_KINDS):
+        raise FileNotFoundError(f"dataset version {version!r} has no folder under {root}/<kind>/version={version}; "
+                                f"check dataset_version (see {root / 'manifests'})")
+    return version
+
+
+def manifest(version: str) -> dict[str, Any]:
+    path = datasets_root() / "manifests" / f"{version}.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _read_parquet_rows(version: str, kind: str, split: str) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    folder = datasets_root() / kind / f"version={version}" / f"split={split}"
+    files = sorted(folder.glob("*.parquet"))
+    if not files:
+        return []
+    rows: list[dict[str, Any]] = []
+    for f in files:
+        rows.extend(pq.read_table(f).to_pylist())
+    # A stable order independent of file naming, so the same version gives the same batches.
+    rows.sort(key=lambda r: (r["prompt_id"], json.dumps(r, sort_keys=True, default=str)))
+    return rows
+
+
+def _to_conversational(kind: str, row: dict[str, Any]) -> dict[str, Any]:
+    prompt = json.loads(row["prompt_json"])
+    out: dict[str, Any] = {"prompt_id": row["prompt_id"], "prompt": prompt, "weight": float(row["weight"])}
+    if kind == "dpo":
+        out["chosen"] = [{"role": "assistant", "content": row["chosen"]}]
+        out["rejected"] = [{"role": "assistant", "content": row["rejected"]}]
+    else:
+        out["completion"] = [{"role": "assistant", "content": row["completion"]}]
+        if kind == "kto":
+            out["label"] = bool(row["label"])
+    return out
+
+
+def load_preferences(version: str, kind: str, split: str):  # -> datasets.Dataset
+    """Rows of a dataset version in TRL conversational format (prompt/chosen/rejected/weight/...).
+
+    Reads through `ingest.reader.load` when the ingest package provides it; otherwise reads the
+    Parquet layout of the shared contract directly (same columns, same conversion). Empty -> None.
+    """
+    try:
+        from ingest import reader  # type: ignore[attr-defined]
+    except ImportError:
+        reader = None
+    if reader is not None and hasattr(reader, "load"):
+        ds = reader.load(version, kind, split)
+        return ds if ds is not None and len(ds) > 0 else None
+    from datasets import Dataset
+
+    rows = [_to_conversational(kind, r) for r in _read_parquet_rows(version, kind, split)]
+    return Dataset.from_list(rows) if rows else None
+
+
+def dataset_digest(version: str) -> str:
+    return str(manifest(version).get("sha256", version))[:32]
+
+
+# --- the adapter to start from ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StartPoint:
+    """Where training starts: a registered/local adapter (continued training) or the bare base."""
+
+    adapter_dir: Path | None
+    label: str  # "base" or e.g. "flywheel-assistant/3"
+
+
+def resolve_start(init_from: str, registry_model: str, base_model: str, download_dir: Path) -> StartPoint:
+    """init_from: `champion` (the champion if one is registered, else base) | `base` | models:/... | a folder."""
+    if init_from == "base":
+        return StartPoint(None, "base")
+    if Path(init_from).expanduser().is_dir():
+        adapter_dir = Path(init_from).expanduser()
+        label = str(adapter_dir)
+    else:
+        ref = registry.resolve(init_from, name=registry_model)
+        if ref is None:
+            if init_from == "champion":
+                return StartPoint(None, "base")
+            raise ValueError(f"init_from={init_from!r} names no registered adapter of {registry_model!r}; "
+                             f"use init_from=champion|base or an existing models:/ URI")
+        adapter_dir = registry.download(ref, download_dir)
+        label = ref.label
+    sidecar = registry.read_sidecar(adapter_dir)
+    if sidecar.get("base_model") not in (None, base_model):
+        raise ValueError(f"the start adapter {label} was trained on base_model={sidecar['base_model']!r}, not "
+                         f"{base_model!r}; set base_model={sidecar['base_model']} or init_from=base")
+    return StartPoint(adapter_dir, label)
+
+
+# --- MLflow tracking ---------------------------------------------------------------------------
+
+def start_mlflow_run(experiment: str, run_name: str, state_dir: Path, tags: dict[str, str]):  # -> ActiveRun
+    """Start (or, after a kill, re-open) the job's MLflow run; its id is kept in state_dir/mlflow_run_id."""
+    import mlflow
+
+    mlflow.set_tracking_uri(endpoints.mlflow_tracking_uri())
+    mlflow.set_experiment(experiment)
+    id_file = state_dir / "mlflow_run_id"
+    if id_file.is_file():
+        try:
+            return mlflow.start_run(run_id=id_file.read_text().strip())
+        except Exception:  # noqa: BLE001 - run deleted or from another server: start a fresh one
+            pass
+    run = mlflow.start_run(run_name=run_name, tags=tags)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    id_file.write_text(run.info.run_id)
+    return run
+
+
+def log_config(cfg: Any, extra: dict[str, Any] | None = None) -> None:
+    """Flattened config as MLflow params (dots for nesting) plus the full config as config.json."""
+    import mlflow
+
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}{k}.", v)
+        else:
+            flat[prefix[:-1]] = node
+
+    walk("", {**to_dict(cfg), **(extra or {})})
+    # Params are immutable in MLflow: a resumed run re-logs the same values, which is allowed.
+    try:
+        mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})
+    except Exception as e:  # noqa: BLE001
+        if "already" not in str(e).lower() and "INVALID_PARAMETER_VALUE" not in str(e):
+            raise
+    mlflow.log_dict(to_dict(cfg), "config.json")
+
+
+def log_dataset_input(version: str, kind: str, ds, context: str) -> None:  # noqa: ANN001 - datasets.Dataset
+    """Record the dataset version as an MLflow input (name = version, digest = manifest sha256)."""
+    import mlflow
+    import pandas as pd
+
+    preview = pd.DataFrame({"prompt_id": ds["prompt_id"][:1000]}) if "prompt_id" in ds.column_names else \
+        pd.DataFrame({"rows": [len(ds)]})
+    data = mlflow.data.from_pandas(preview, source=str(datasets_root() / kind / f"version={version}"),
+                                   name=f"{kind}@{version}", digest=dataset_digest(version))
+    mlflow.log_input(data, context=context, tags={"dataset_version": version, "kind": kind, "rows": str(len(ds))})
+
+
+class MlflowMetrics(TrainerCallback):
+    """Logs every Trainer log line to the active MLflow run, plus tokens/s and peak memory; keeps a history.
+
+    Trainer's own MLflowCallback opens its own run and logs every TrainingArguments field; this one logs
+    into the job's run only what the job names, with the Trainer's global step as the MLflow step.
+    """
+
+    def __init__(self, device: str, prefix: str = "") -> None:
+        self.device = device
+        self.prefix = prefix
+        self.history: list[dict[str, float]] = []
+        self._t0: float | None = None
+        self._tokens0 = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+        self._t0 = time.perf_counter()
+        self._tokens0 = float(getattr(state, "num_input_tokens_seen", 0) or 0)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
+        import mlflow
+
+        if not logs:
+            return
+        row = {k.replace("/", "_"): float(v) for k, v in logs.items() if isinstance(v, int | float)}
+        if self._t0 is not None and "num_tokens" in row:
+            elapsed = time.perf_counter() - self._t0
+            row["tokens_per_s"] = (row["num_tokens"] - self._tokens0) / max(elapsed, 1e-9)
+        row["peak_memory_mb"] = peak_memory_mb(self.device)
+        row["step"] = float(state.global_step)
+        self.history.append(row)
+        if mlflow.active_run() is not None:
+            mlflow.log_metrics({self.prefix + k: v for k, v in row.items() if k != "step"}, step=state.global_step)
+
+
+def plot_curves(history: list[dict[str, float]], keys: list[str], path: Path, title: str) -> Path | None:
+    """One PNG with a panel per metric (x = step); metrics missing from the history are skipped."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    present = [k for k in keys if any(k in h for h in history)]
+    if not present:
+        return None
+    fig, axes = plt.subplots(1, len(present), figsize=(4 * len(present), 3), squeeze=False)
+    for ax, key in zip(axes[0], present, strict=True):
+        pts = [(h["step"], h[key]) for h in history if key in h]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=2)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path

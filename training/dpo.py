@@ -1,0 +1,315 @@
+"""DPO on a LoRA adapter: dataset version in, registered `challenger` adapter out.
+
+    python -m training.dpo --config training/configs/dpo.yaml dataset_version=<V> [key=value ...]
+    accelerate launch -m training.dpo --config training/configs/dpo.smollm2.yaml dataset_version=<V>
+
+Starts from the current champion adapter when one is registered (continued training; the champion is
+the reference) or from the base model (the adapter-disabled base is the reference). Pairs carry
+implicit-signal weights; TRL has no sample weights, so `WeightedDPOTrainer` replaces its loss by the
+weighted mean in training/weighted_dpo.py. Checkpoints go to <output_dir>/checkpoints and a re-run
+with the same output_dir resumes from the newest one. The last stdout line is a JSON object:
+{"run_id", "model_version", "model_uri", "adapter_dir", "dataset_version", "metrics", ...}.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from trl import DPOConfig, DPOTrainer
+from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+from ingest import endpoints
+from ingest.config import parse_config
+from training import common, registry
+from training.weighted_dpo import LOSS_TYPES, weighted_dpo_loss
+
+
+@dataclass
+class LoraSettings:
+    """LoRA shape: rank r, scale alpha, dropout, and which modules (all-linear = every Linear but lm_head)."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: str = "all-linear"
+
+
+@dataclass
+class Config:
+    """DPO training of a LoRA adapter on a Flywheel dataset version.
+
+    Data:          dataset_version (a version id or `latest`), max_train_pairs (0 = all), use_weights
+    Model:         base_model (tiny | smollm2 | path | HF id), init_from (champion | base | models:/... | folder),
+                   lora.{r, alpha, dropout, target_modules}
+    Objective:     loss_type (sigmoid | ipo | robust), beta, label_smoothing (robust: assumed label-flip rate)
+    Optimisation:  learning_rate, epochs, max_steps (overrides epochs when > 0), batch_size, grad_accum,
+                   max_length, warmup_ratio, lr_scheduler, seed
+    Speed:         precision (auto | bf16 | fp16 | fp32), precompute_ref, gradient_checkpointing, logging_steps
+    Checkpoints:   output_dir ("" = var/runs/dpo/<version>-<config hash>), save_steps, resume (auto | never),
+                   force (retrain even if output_dir holds a finished result)
+    Tracking:      experiment, run_name, registry_model, registry_alias, register, eval_before
+    """
+
+    dataset_version: str = "latest"
+    max_train_pairs: int = 0
+    use_weights: bool = True
+    base_model: str = "tiny"
+    init_from: str = "champion"
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    loss_type: str = "sigmoid"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    learning_rate: float = 2e-4
+    epochs: float = 3.0
+    max_steps: int = 0
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 256
+    warmup_ratio: float = 0.0
+    lr_scheduler: str = "linear"
+    seed: int = 0
+    precision: str = "auto"
+    precompute_ref: bool = True
+    gradient_checkpointing: bool = False
+    logging_steps: int = 1
+    output_dir: str = ""
+    save_steps: int = 50
+    resume: str = "auto"
+    force: bool = False
+    experiment: str = "flywheel-training"
+    run_name: str = ""
+    registry_model: str = registry.DEFAULT_MODEL_NAME
+    registry_alias: str = "challenger"
+    register: bool = True
+    eval_before: bool = True
+
+
+# --- the weighted trainer -------------------------------------------------------------------------
+
+class WeightedPreferenceCollator(DataCollatorForPreference):
+    """TRL's preference collator plus a `weight` tensor (one per pair)."""
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        out = super().torch_call(examples)
+        out["weight"] = torch.tensor([float(e.get("weight", 1.0)) for e in examples], dtype=torch.float32)
+        return out
+
+
+def _without_weight(inputs: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in inputs.items() if k != "weight"}
+
+
+class WeightedDPOTrainer(DPOTrainer):
+    """DPOTrainer whose batch loss is the weighted mean of per-pair losses (weighted_dpo.py).
+
+    Only the loss and the metrics are replaced; tokenisation, reference handling (adapter disabled,
+    a frozen copy of the start adapter, or precomputed log-probs), checkpointing and distribution are
+    TRL's. Supports loss_type sigmoid | ipo | robust.
+    """
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if "weight" not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, "weight"]
+
+    def compute_ref_log_probs(self, model, inputs):  # noqa: ANN001
+        return super().compute_ref_log_probs(model, _without_weight(inputs))
+
+    def _compute_loss(self, model, inputs, return_outputs):  # noqa: ANN001
+        mode = "train" if self.model.training else "eval"
+        weights = inputs["weight"]
+        inputs = _without_weight(inputs)
+        model_kwargs = {k: v for k, v in inputs.items()
+                        if k not in ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")}
+        model_kwargs["use_cache"] = False
+        completion_mask = inputs["completion_mask"]
+        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+        outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
+        seq_len = completion_mask.size(1) - 1
+        logps = outputs.log_probs[:, -seq_len:].sum(dim=1)
+        chosen_logps, rejected_logps = logps.chunk(2, dim=0)
+        if self.precompute_ref_logps:
+            ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        else:
+            ref_chosen, ref_rejected = self.compute_ref_log_probs(self.ref_model or model, inputs)
+        chosen_lr = chosen_logps - ref_chosen.to(chosen_logps.device)
+        rejected_lr = rejected_logps - ref_rejected.to(rejected_logps.device)
+        lengths = completion_mask[..., 1:].sum(dim=1)
+        chosen_len, rejected_len = lengths.chunk(2, dim=0)
+        loss = weighted_dpo_loss(chosen_lr, rejected_lr, weights.to(chosen_lr.device), self.beta,
+                                 self.loss_types[0], self.label_smoothing, chosen_len, rejected_len)
+
+        # Metrics over the pairs that count (weight > 0), gathered across processes.
+        acc = self.accelerator.gather_for_metrics
+        keep = acc(weights > 0)
+        c_rew, r_rew = acc(self.beta * chosen_lr.detach()), acc(self.beta * rejected_lr.detach())
+        c_lp, r_lp = acc(chosen_logps.detach()), acc(rejected_logps.detach())
+        if keep.any():
+            m = self._metrics[mode]
+            m["rewards/chosen"].append(c_rew[keep].mean().item())
+            m["rewards/rejected"].append(r_rew[keep].mean().item())
+            m["rewards/margins"].append((c_rew - r_rew)[keep].mean().item())
+            m["rewards/accuracies"].append((c_rew > r_rew)[keep].float().mean().item())
+            m["logps/chosen"].append(c_lp[keep].mean().item())
+            m["logps/rejected"].append(r_lp[keep].mean().item())
+            # The policy's own preference (which answer it finds likelier), meaningful before training too,
+            # unlike rewards/accuracies, which are ties (0) while the policy still equals the reference.
+            m["policy_pref_acc"].append((c_lp > r_lp)[keep].float().mean().item())
+        if mode == "train":
+            self._total_train_tokens += acc(inputs["attention_mask"].sum()).sum().item()
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        return (loss, outputs) if return_outputs else loss
+
+
+# --- the job ------------------------------------------------------------------------------------------
+
+def _load_policy(cfg: Config, hw: common.Hardware, start: common.StartPoint):
+    """(model, tokenizer, peft_config): a PeftModel when continuing from an adapter, else base + LoRA config."""
+    from peft import LoraConfig, PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = endpoints.model_path(cfg.base_model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"  # TRL requires it; generation in serving/eval uses it too
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    # Weights stay fp32 and the Trainer autocasts to bf16/fp16: the LoRA update is then accumulated in
+    # fp32 (small deltas would round away in bf16, STACK-NOTES).
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if start.adapter_dir is not None:
+        return PeftModel.from_pretrained(model, str(start.adapter_dir), is_trainable=True), tokenizer, None
+    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
+    return model, tokenizer, lora
+
+
+def _training_args(cfg: Config, hw: common.Hardware, out: Path) -> DPOConfig:
+    return DPOConfig(
+        output_dir=str(out / "checkpoints"),
+        **common.trainer_device_kwargs(hw),
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
+        warmup_steps=cfg.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio
+        lr_scheduler_type=cfg.lr_scheduler,
+        beta=cfg.beta,
+        loss_type=[cfg.loss_type],
+        label_smoothing=cfg.label_smoothing,
+        max_length=cfg.max_length,
+        precompute_ref_log_probs=cfg.precompute_ref,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=2,
+        eval_strategy="no",
+        prediction_loss_only=True,
+        report_to="none",
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+
+
+def _heldout(metrics: dict[str, float], prefix: str) -> dict[str, float]:
+    """The preference metrics of a Trainer.evaluate() result (not its timings), renamed with `prefix`."""
+    keep = ("eval_loss", "eval_rewards/", "eval_logps/", "eval_policy_pref_acc")
+    return {prefix + k.removeprefix("eval_"): v for k, v in metrics.items() if k.startswith(keep)}
+
+
+def main(cfg: Config) -> dict[str, Any]:
+    if cfg.loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type={cfg.loss_type!r} is not one of {LOSS_TYPES}")
+    version = common.resolve_version(cfg.dataset_version)
+    out = Path(cfg.output_dir) if cfg.output_dir else common.default_output_dir("dpo", version, cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    result_file = out / "result.json"
+    if result_file.is_file() and not cfg.force:
+        result = json.loads(result_file.read_text())  # a finished run: a DAG retry changes nothing
+        common.emit_result(result)
+        return result
+
+    train = common.load_preferences(version, "dpo", "train")
+    if train is None:
+        raise ValueError(f"dataset {version} has no dpo/train rows; run training.kto instead or rebuild the dataset")
+    if cfg.max_train_pairs > 0:
+        train = train.select(range(min(cfg.max_train_pairs, len(train))))
+    if not cfg.use_weights:
+        train = train.map(lambda _: {"weight": 1.0})
+    heldout = common.load_preferences(version, "dpo", "eval")
+
+    hw = common.detect_hardware(cfg.precision)
+    base_path = endpoints.model_path(cfg.base_model)
+    start = common.resolve_start(cfg.init_from, cfg.registry_model, cfg.base_model, out / "start")
+    model, tokenizer, peft_config = _load_policy(cfg, hw, start)
+    args = _training_args(cfg, hw, out)
+    metrics_cb = common.MlflowMetrics(hw.device)
+    trainer = WeightedDPOTrainer(model=model, args=args, train_dataset=train, eval_dataset=heldout,
+                                 processing_class=tokenizer, peft_config=peft_config, callbacks=[metrics_cb],
+                                 data_collator=WeightedPreferenceCollator(
+                                     pad_token_id=tokenizer.pad_token_id, max_length=cfg.max_length))
+
+    tags = {"trainer": "dpo", "dataset_version": version, "base_model": cfg.base_model, "start": start.label,
+            "device": hw.device, "precision": hw.precision}
+    with common.start_mlflow_run(cfg.experiment, cfg.run_name or f"dpo-{version}", out, tags) as run:
+        import mlflow
+
+        common.log_config(cfg, {"base_model_path": base_path, "start_adapter": start.label,
+                                "hardware": hw.name, "n_devices": hw.n_devices})
+        common.log_dataset_input(version, "dpo", train, "training")
+        if heldout is not None:
+            common.log_dataset_input(version, "dpo", heldout, "evaluation")
+
+        before = trainer.evaluate() if heldout is not None and cfg.eval_before else {}
+        resume = common.last_checkpoint(out / "checkpoints") if cfg.resume == "auto" else None
+        t0 = time.perf_counter()
+        trainer.train(resume_from_checkpoint=resume)
+        train_s = time.perf_counter() - t0
+        # Mean of the logged step losses over the whole run: unlike TrainOutput.training_loss it survives
+        # a resume (log_history is restored from the checkpoint).
+        step_losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        after = trainer.evaluate() if heldout is not None else {}
+
+        final = {"train_loss": sum(step_losses) / max(len(step_losses), 1),
+                 "final_step_loss": step_losses[-1] if step_losses else float("nan"), "train_seconds": train_s,
+                 "train_steps": trainer.state.global_step, "peak_memory_mb": common.peak_memory_mb(hw.device),
+                 "tokens_per_s": trainer._total_train_tokens / max(train_s, 1e-9),
+                 **_heldout(after, "heldout_"), **_heldout(before, "heldout_before_")}
+        final = {k.replace("/", "_"): float(v) for k, v in final.items()}
+        mlflow.log_metrics(final, step=trainer.state.global_step)
+
+        adapter_dir = out / "adapter"
+        trainer.model.save_pretrained(str(adapter_dir), selected_adapters=["default"])
+        common.write_sidecar(adapter_dir, trainer="dpo", cfg=cfg, base_model=cfg.base_model,
+                             base_model_path=base_path, dataset_version=version,
+                             extra={"start_adapter": start.label, "precision": hw.precision})
+        plot = common.plot_curves(metrics_cb.history, ["loss", "rewards_margins", "rewards_accuracies",
+                                                       "tokens_per_s"], out / "dpo_curves.png", f"DPO {version}")
+        if plot:
+            mlflow.log_artifact(str(plot), "plots")
+
+        result: dict[str, Any] = {"run_id": run.info.run_id, "adapter_dir": str(adapter_dir),
+                                  "dataset_version": version, "base_model": cfg.base_model,
+                                  "start_adapter": start.label, "trainer": "dpo", "metrics": final,
+                                  "model_version": None, "model_uri": None}
+        if cfg.register:
+            ref = registry.register_adapter(adapter_dir, run.info.run_id, name=cfg.registry_model,
+                                            alias=cfg.registry_alias or None,
+                                            tags={"trainer": "dpo", "dataset_version": version})
+            result.update(model_version=ref.version, model_uri=ref.uri, model_label=ref.label)
+    result_file.write_text(json.dumps(result, indent=2, sort_keys=True, default=str))
+    common.emit_result(result)
+    return result
+
+
+if __name__ == "__main__":
+    main(parse_config(Config))
