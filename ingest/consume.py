@@ -1,0 +1,254 @@
+"""Landing consumer: Kafka response + feedback topics -> validated Parquet in the landing zone.
+
+    python -m ingest.consume --config ingest/configs/consume.yaml [until_idle=true idle_seconds=10]
+
+One consumer group over both topics. Each batch is validated against the event contract; valid
+events are landed (ingest/landing.py: temp file, fsync, rename), malformed ones go to the dead-letter
+topic, and only then are the offsets committed ("commit after the sink"). Delivery is at-least-once
+and readers dedupe by `event_id`, so a crash anywhere adds no duplicates to what they see.
+
+Dead-letter records: value = the raw bytes as received; key = "<topic>/<partition>/<offset>" of the
+source record (a replay re-sends the same key, so counting distinct keys counts each bad record once);
+headers `error`, `source_topic`, `source_partition`, `source_offset`.
+
+SIGTERM/SIGINT finish the batch in hand, commit and leave the group. On a rebalance the un-landed
+records of revoked partitions are dropped (not landed, not committed), so their new owner reads them
+from the last commit: no loss and no duplicate landing. A commit refused because the group moved on
+after the files were written only means a replay, which readers dedupe.
+
+Metrics (logged every `metrics_every_s` and written to landing/_metrics/<group>.json): events/s,
+lag = fetch high-watermark - position per partition (tansu's LATEST offset query can be stale after
+pipelined produce, so `end_offsets` is not used), dead-letter count. The last stdout line is a JSON
+summary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kafka.errors import CommitFailedError
+from pydantic import ValidationError
+
+from ingest import endpoints, landing
+from ingest.config import parse_config
+from ingest.events import _EVENT, MAX_EVENT_BYTES, EventError, parse_event
+
+log = logging.getLogger("ingest.consume")
+
+
+@dataclass
+class Config:
+    """Landing consumer.
+
+    Kafka: bootstrap (empty = endpoints.kafka_bootstrap()), group_id, topics (keys of endpoints.topics()),
+      session_timeout_ms / heartbeat_interval_ms (tansu delays a join by ~session_timeout/2, so 6 s / 2 s).
+    Batching: batch_max_records, batch_max_seconds (flush + commit whichever comes first), poll_timeout_ms.
+    Stopping: until_idle (batch runs: stop after idle_seconds without records), max_seconds (0 = no limit).
+    Output: landing_dir (empty = <var>/landing), metrics_every_s.
+    """
+
+    bootstrap: str = ""
+    group_id: str = "flywheel-landing"
+    topics: list[str] = field(default_factory=lambda: ["responses", "feedback"])
+    session_timeout_ms: int = 6000
+    heartbeat_interval_ms: int = 2000
+    batch_max_records: int = 5000
+    batch_max_seconds: float = 2.0
+    poll_timeout_ms: int = 500
+    until_idle: bool = False
+    idle_seconds: float = 10.0
+    max_seconds: float = 0.0
+    landing_dir: str = ""
+    metrics_every_s: float = 10.0
+
+
+def decode(raw: bytes):  # noqa: ANN201 - ResponseEvent | FeedbackEvent
+    """Validate one record. Fast path: pydantic's JSON parser; on any failure re-run the contract's own
+    `parse_event`, whose error message is the one we dead-letter (same rules, only slower)."""
+    if raw is not None and len(raw) <= MAX_EVENT_BYTES:
+        try:
+            return _EVENT.validate_json(raw)
+        except (ValidationError, ValueError):
+            pass
+    if raw is None:
+        raise EventError("empty record (null value)")
+    return parse_event(raw)
+
+
+class LandingConsumer:
+    """The consume -> land -> dead-letter -> commit loop; `run()` returns the summary."""
+
+    def __init__(self, cfg: Config):
+        from kafka import KafkaConsumer, KafkaProducer
+
+        self.cfg = cfg
+        bootstrap = cfg.bootstrap or endpoints.kafka_bootstrap()
+        all_topics = endpoints.topics()
+        unknown = [t for t in cfg.topics if t not in all_topics]
+        if unknown:
+            raise ValueError(f"topics {unknown} are not platform topics; use keys of {sorted(all_topics)}")
+        self.topic_names = [all_topics[t].name for t in cfg.topics]
+        self.dead_letter = all_topics["dead_letter"].name
+        self.root = Path(cfg.landing_dir) if cfg.landing_dir else landing.landing_dir()
+        self.consumer = KafkaConsumer(
+            bootstrap_servers=bootstrap, group_id=cfg.group_id, enable_auto_commit=False,
+            auto_offset_reset="earliest", session_timeout_ms=cfg.session_timeout_ms,
+            heartbeat_interval_ms=cfg.heartbeat_interval_ms, max_poll_records=cfg.batch_max_records,
+            client_id=f"{cfg.group_id}-landing",
+        )
+        self.producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+        self.batch: list = []  # ConsumerRecords not yet landed
+        self.stop = False
+        self.landed = 0
+        self.dead_lettered = 0
+        self.batches = 0
+        self.commit_failures = 0
+        self.started = time.monotonic()
+        self._last_metrics = self.started
+
+    # --- the sink, then the commit -------------------------------------------------------------
+    def flush(self) -> None:
+        """Land the batch, flush the dead letters, then commit the offsets (in that order)."""
+        if not self.batch:
+            return
+        rows, futures = [], []
+        for rec in self.batch:
+            try:
+                ev = decode(rec.value)
+            except EventError as e:
+                headers = [("error", e.reason.encode()), ("source_topic", rec.topic.encode()),
+                           ("source_partition", str(rec.partition).encode()),
+                           ("source_offset", str(rec.offset).encode())]
+                key = f"{rec.topic}/{rec.partition}/{rec.offset}".encode()
+                futures.append(self.producer.send(self.dead_letter, key=key, value=rec.value or b"",
+                                                  headers=headers))
+                continue
+            rows.append(landing.to_row(ev, rec.topic, rec.partition, rec.offset))
+        landing.write_batch(rows, self.root)
+        self.producer.flush()
+        for fut in futures:
+            fut.get(timeout=30)  # raises if the dead letter was not acknowledged: then we must not commit
+        try:
+            self.consumer.commit()
+        except CommitFailedError as e:
+            # The group rebalanced under us: the files are landed but the offsets are not ours to
+            # commit any more; the new owner re-reads them and readers dedupe by event_id.
+            log.warning("commit refused after landing (%s); the batch will be replayed and deduped", e)
+            self.commit_failures += 1
+        self.landed += len(rows)
+        self.dead_lettered += len(futures)
+        self.batches += 1
+        self.batch = []
+
+    # --- metrics -------------------------------------------------------------------------------
+    def lag(self) -> int | None:
+        total, known = 0, False
+        for tp in self.consumer.assignment():
+            hw = self.consumer.highwater(tp)  # from the last fetch response, not a LATEST query
+            if hw is None:
+                continue
+            total += max(0, hw - self.consumer.position(tp))
+            known = True
+        return total if known else None
+
+    def metrics(self) -> dict:
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        processed = self.landed + self.dead_lettered
+        return {"group_id": self.cfg.group_id, "landed": self.landed, "dead_lettered": self.dead_lettered,
+                "batches": self.batches, "commit_failures": self.commit_failures, "elapsed_s": round(elapsed, 3),
+                "events_per_s": round(processed / elapsed, 1), "lag": self.lag()}
+
+    def _report(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_metrics < self.cfg.metrics_every_s:
+            return
+        self._last_metrics = now
+        m = self.metrics()
+        log.info("landed=%d dead_lettered=%d events/s=%.0f lag=%s", m["landed"], m["dead_lettered"],
+                 m["events_per_s"], m["lag"])
+        path = self.root / "_metrics" / f"{self.cfg.group_id}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(m) + "\n")
+
+    # --- the loop ------------------------------------------------------------------------------
+    def run(self) -> dict:
+        from kafka import ConsumerRebalanceListener
+
+        owner = self
+
+        class DropOnRevoke(ConsumerRebalanceListener):
+            # kafka-python 3 runs listeners on its IO thread, where a blocking commit is refused, so
+            # we cannot land + commit here. Records of revoked partitions that are not yet landed are
+            # not committed either: dropping them lets the new owner read them again from the last
+            # commit -- nothing lost, nothing landed twice.
+            def on_partitions_revoked(self, revoked):  # noqa: ANN001, ANN202
+                gone = {(tp.topic, tp.partition) for tp in revoked}
+                kept = [r for r in owner.batch if (r.topic, r.partition) not in gone]
+                if len(kept) != len(owner.batch):
+                    log.info("rebalance: %d un-landed records of revoked partitions left to their new owner",
+                             len(owner.batch) - len(kept))
+                owner.batch = kept
+
+            def on_partitions_assigned(self, assigned):  # noqa: ANN001, ANN202
+                log.info("assigned %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
+
+        self.consumer.subscribe(self.topic_names, listener=DropOnRevoke())
+        batch_started = last_record = time.monotonic()
+        try:
+            while not self.stop:
+                polled = self.consumer.poll(timeout_ms=self.cfg.poll_timeout_ms,
+                                            max_records=self.cfg.batch_max_records - len(self.batch))
+                now = time.monotonic()
+                for records in polled.values():
+                    if records:
+                        if not self.batch:
+                            batch_started = now
+                        self.batch.extend(records)
+                        last_record = now
+                if self.batch and (len(self.batch) >= self.cfg.batch_max_records
+                                   or now - batch_started >= self.cfg.batch_max_seconds or not polled):
+                    self.flush()
+                self._report()
+                if not self.consumer.assignment():
+                    last_record = now  # still joining the group (or rebalancing): not idle yet
+                if self.cfg.until_idle and not self.batch and now - last_record >= self.cfg.idle_seconds:
+                    log.info("idle for %.1f s: stopping", now - last_record)
+                    break
+                if self.cfg.max_seconds and now - self.started >= self.cfg.max_seconds:
+                    break
+            self.flush()  # SIGTERM or idle: finish the batch in hand and commit it
+        finally:
+            self._report(force=True)
+            self.consumer.close(autocommit=False)
+            self.producer.close(timeout=10)
+        return self.metrics()
+
+
+def main(cfg: Config) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    consumer = LandingConsumer(cfg)
+
+    def _stop(signum, _frame):  # noqa: ANN001
+        log.info("signal %d: finishing the batch, committing, leaving the group", signum)
+        consumer.stop = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    summary = consumer.run()
+    print(json.dumps(summary), flush=True)
+    return summary
+
+
+def cli_args(argv: list[str]) -> list[str]:
+    """Accept `--until-idle` as a synonym of `until_idle=true` (what the DAG and the issue call it)."""
+    return ["until_idle=true" if a == "--until-idle" else a for a in argv]
+
+
+if __name__ == "__main__":
+    main(parse_config(Config, cli_args(sys.argv[1:])))
