@@ -160,3 +160,44 @@ def aliases(name: str = DEFAULT_MODEL_NAME) -> dict[str, str]:
     except MlflowException:
         return {}
     return {a: str(v) for a, v in (rm.aliases or {}).items()}
+
+
+def find_versions(tags: dict[str, str], name: str = DEFAULT_MODEL_NAME) -> list[AdapterRef]:
+    """Registered versions whose tags include all of `tags`, newest first (idempotent re-runs use this)."""
+    c = client()
+    try:
+        found = c.search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return []
+    refs = [_ref(mv) for mv in found if all((mv.tags or {}).get(k) == v for k, v in tags.items())]
+    return sorted(refs, key=lambda r: int(r.version), reverse=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m training.registry aliases|find|resolve`: inspect the registry; last line is JSON."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m training.registry", description=main.__doc__)
+    parser.add_argument("--name", default=DEFAULT_MODEL_NAME, help="registered model name")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("aliases", help="alias -> version")
+    p_find = sub.add_parser("find", help="newest version whose tags match every --tag KEY=VALUE")
+    p_find.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE")
+    p_res = sub.add_parser("resolve", help="version behind models:/NAME@alias or an alias")
+    p_res.add_argument("uri")
+    args = parser.parse_args(argv)
+    if args.cmd == "aliases":
+        print(json.dumps(aliases(args.name)))
+    elif args.cmd == "find":
+        tags = dict(t.split("=", 1) for t in args.tag)
+        refs = find_versions(tags, args.name)
+        print(json.dumps({"model_version": refs[0].version if refs else None,
+                          "all": [r.version for r in refs]}))
+    elif args.cmd == "resolve":
+        ref = resolve(args.uri, args.name)
+        print(json.dumps({"model_version": ref.version if ref else None, "source": ref.source if ref else None}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,43 @@
+"""Shared by the DAG files: how a task runs a Flywheel job, and how it reads a job's answer.
+
+Every task is a process of the project's own environment (`.venv/bin/python -m <job>`), exactly as
+a KubernetesPodOperator would run the job's image in production. Jobs print their result as one
+JSON object on the last stdout line; BashOperator pushes that line to XCom. Nothing here imports
+torch, Spark or MLflow: the DAG processor only parses these files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+from datetime import timedelta
+from pathlib import Path
+
+REPO = Path(os.environ.get("FLYWHEEL_REPO", Path(__file__).resolve().parent.parent))
+PYTHON = os.environ.get("FLYWHEEL_PYTHON", str(REPO / ".venv" / "bin" / "python"))
+
+DEFAULT_ARGS = {
+    "owner": "flywheel",
+    "retries": 2,
+    "retry_delay": timedelta(minutes=1),
+}
+
+
+def job(module: str, *args: str) -> str:
+    """The bash command of one job; arguments are shell-quoted unless they hold a Jinja expression."""
+    quoted = [a if "{{" in a else shlex.quote(a) for a in args]
+    return f"set -euo pipefail; cd {shlex.quote(str(REPO))}; {shlex.quote(PYTHON)} -m {module} {' '.join(quoted)}"
+
+
+def answer(xcom_line: str | None) -> dict:
+    """Parse a job's last stdout line (its JSON answer); fail loudly when it is not JSON."""
+    if not xcom_line:
+        raise ValueError("the upstream job printed nothing; its last stdout line must be a JSON object")
+    try:
+        out = json.loads(xcom_line)
+    except json.JSONDecodeError:
+        raise ValueError(f"the upstream job's last stdout line is not JSON: {xcom_line[:200]!r}") from None
+    if not isinstance(out, dict):
+        raise ValueError(f"the upstream job's answer is not a JSON object: {xcom_line[:200]!r}")
+    return out

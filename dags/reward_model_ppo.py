@@ -1,0 +1,88 @@
+"""
+### reward_model_ppo — weekly: a Bradley-Terry reward model, then PPO against it
+
+`build_dataset` for the week → `enough_feedback` → `train_reward_model` (MiniLM backbone by
+default, registered as `flywheel-reward`) → `train_ppo` (LoRA policy, KL-penalised PPO against that
+reward model) → `evaluate` vs champion → `gate`. Promotion stays a human decision for PPO
+candidates: the gate's verdict is logged and tagged on the model version, and
+`python -m training.promote --version V` ships it.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pendulum
+from airflow.sdk import Param, dag, get_current_context, task
+
+sys.path.insert(0, str(Path(__file__).parent))  # the shared helper next to this file, wherever it is mounted
+from _flywheel import DEFAULT_ARGS, answer, job  # noqa: E402
+
+MODEL = "flywheel-assistant"
+
+
+@dag(
+    dag_id="reward_model_ppo",
+    schedule="@weekly",
+    start_date=pendulum.datetime(2026, 11, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    tags=["flywheel", "training", "ppo", "reward-model"],
+    doc_md=__doc__,
+    params={
+        "base_model": Param("smollm2", type="string"),
+        "reward_config": Param("training/configs/reward_model.yaml", type="string"),
+        "ppo_config": Param("training/configs/ppo.yaml", type="string"),
+        "window_start": Param("", type="string"),
+        "window_end": Param("", type="string"),
+    },
+)
+def reward_model_ppo():
+    @task.bash
+    def build_dataset() -> str:
+        ctx = get_current_context()
+        p = ctx["params"]
+        start = p["window_start"] or ctx["data_interval_start"].isoformat()
+        end = p["window_end"] or ctx["data_interval_end"].isoformat()
+        return job("ingest.build_dataset", f"start={start}", f"end={end}")
+
+    @task.branch
+    def enough_feedback(built: str) -> str:
+        return "train_reward_model" if answer(built).get("trainable") else "skip_too_little_feedback"
+
+    @task.bash
+    def train_reward_model(built: str) -> str:
+        p = get_current_context()["params"]
+        return job("training.reward_model", "--config", p["reward_config"],
+                   f"dataset_version={answer(built)['version']}")
+
+    @task.bash
+    def train_ppo(built: str, reward: str) -> str:
+        p = get_current_context()["params"]
+        return job("training.ppo", "--config", p["ppo_config"], f"dataset_version={answer(built)['version']}",
+                   f"base_model={p['base_model']}", f"reward_model={answer(reward)['model_version']}")
+
+    @task.bash
+    def evaluate(trained: str) -> str:
+        return job("training.evaluate", "--candidate", f"models:/{MODEL}/{answer(trained)['model_version']}",
+                   "--baseline", f"models:/{MODEL}@champion")
+
+    @task.bash
+    def gate(trained: str, evaluated: str) -> str:
+        return job("training.gate", "--candidate", f"models:/{MODEL}/{answer(trained)['model_version']}",
+                   "--metrics-run", answer(evaluated)["run_id"])
+
+    @task
+    def skip_too_little_feedback(built: str) -> None:
+        print(f"not enough feedback to train on in this interval: {answer(built)}")
+
+    built = build_dataset()
+    reward = train_reward_model(built)
+    enough_feedback(built) >> [reward, skip_too_little_feedback(built)]
+    trained = train_ppo(built, reward)
+    gate(trained, evaluate(trained))
+
+
+reward_model_ppo()
