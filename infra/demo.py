@@ -1,0 +1,267 @@
+"""The whole loop once, on the embedded default: `python -m infra.demo [key=value ...]` (`make demo`).
+
+  1. provision the models (SmolLM2-135M-Instruct, MiniLM) and start the stack (broker, S3, MLflow)
+  2. start the chat server on the base model (no adapter is registered yet on a fresh machine)
+  3. simulated users chat on the training prompts and give feedback, while a second group measures
+     the held-out thumbs-up rate (the hidden preference's verdict on fresh answers) — "before"
+  4. `airflow dags test feedback_ingest` lands the events; `airflow dags test preference_retrain`
+     builds the dataset, trains DPO, evaluates against the champion, gates and promotes
+  5. the server picks the promoted adapter up from the registry alias (no restart)
+  6. measure the held-out rate again — "after" — and print the before/after summary
+
+It stops what it started (a stack that was already running is left running). The report with every
+figure lands in var/demo/report.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from infra import models, simulate, stack
+from ingest import endpoints
+from ingest.config import parse_config
+
+REPO = endpoints.REPO_ROOT
+
+
+@dataclass
+class Config:
+    """One demo cycle.
+
+    Model: base_model, dpo_config, dpo_overrides, eval_overrides.
+    Traffic: n_users, traffic_answers_per_prompt, measure_answers_per_prompt, adversarial_share, noise,
+      preference, max_tokens, seed.
+    Run: serving_config, keep_running (leave stack and server up at the end), adapter_wait_s.
+    """
+
+    base_model: str = "smollm2"
+    dpo_config: str = "training/configs/dpo.smollm2.yaml"
+    dpo_overrides: str = ""
+    eval_overrides: str = ""
+    dataset_overrides: str = ""
+    serving_config: str = "serving/configs/serve.yaml"
+    serving_overrides: list[str] = field(default_factory=list)
+    n_users: int = 30
+    traffic_answers_per_prompt: int = 3
+    measure_answers_per_prompt: int = 3
+    adversarial_share: float = 0.0
+    noise: float = 0.1
+    preference: str = "uses_list"
+    max_tokens: int = 160
+    seed: int = 0
+    keep_running: bool = False
+    adapter_wait_s: float = 120.0
+
+
+class Stage:
+    """Times a named stage and prints a header, so progress is visible throughout."""
+
+    seconds: dict[str, float] = {}
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __enter__(self) -> Stage:
+        self.t0 = time.monotonic()
+        print(f"\n==> {self.name}", flush=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        took = time.monotonic() - self.t0
+        Stage.seconds[self.name] = round(took, 1)
+        print(f"    {self.name}: {took:.0f}s", flush=True)
+
+
+def serving_component(cfg: Config) -> stack.Component:
+    port = endpoints.port("serving")
+    return stack.Component(
+        name="serving",
+        port=port,
+        command=lambda: [sys.executable, "-m", "serving", "--config", cfg.serving_config,
+                         f"base_model={cfg.base_model}", "host=127.0.0.1", f"port={port}", *cfg.serving_overrides],
+        healthy=lambda: stack.http_ok(f"http://127.0.0.1:{port}/healthz"),
+        endpoint=f"http://127.0.0.1:{port}",
+        start_timeout=180,
+    )
+
+
+def serving_health() -> dict:
+    import httpx
+
+    return httpx.get(f"http://127.0.0.1:{endpoints.port('serving')}/healthz", timeout=10).json()
+
+
+def airflow_dags_test(dag_id: str, conf: dict) -> None:
+    env = {**os.environ, **stack.airflow_env()}
+    log = endpoints.var_dir() / "log" / f"dags-test-{dag_id}.log"
+    cmd = [str(stack.AIRFLOW_BIN / "airflow"), "dags", "test", dag_id, "-c", json.dumps(conf)]
+    print(f"    $ airflow dags test {dag_id} -c '{json.dumps(conf)}'   (log: {log})", flush=True)
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+        for line in proc.stdout:  # type: ignore[union-attr]
+            f.write(line)
+            if "Marking task as" in line or "state=" in line and "task_id=" in line or "Task instance" in line:
+                print("    " + line.strip()[-160:], flush=True)
+        rc = proc.wait()
+    if rc != 0:
+        raise SystemExit(f"airflow dags test {dag_id} failed (exit {rc}); see {log}")
+    if "state=failed" in log.read_text() or "DagRunState.FAILED" in log.read_text():
+        raise SystemExit(f"a task of {dag_id} failed; see {log}")
+
+
+def simulate_round(cfg: Config, mode: str, prompts: str, answers: int, seed: int) -> dict:
+    return simulate.main(simulate.Config(
+        mode=mode, prompts=prompts, answers_per_prompt=answers, n_users=cfg.n_users, seed=seed,
+        adversarial_share=cfg.adversarial_share if mode == "traffic" else 0.0, noise=cfg.noise,
+        preference=cfg.preference, max_tokens=cfg.max_tokens,
+        report=str(endpoints.var_dir() / "demo" / f"simulate-{mode}-{prompts}-{seed}.json")))
+
+
+def main(cfg: Config) -> dict:
+    t_start = time.monotonic()
+    report_dir = endpoints.var_dir() / "demo"
+    report_dir.mkdir(parents=True, exist_ok=True)
+    started: list[stack.Component] = []
+    server = serving_component(cfg)
+    report: dict = {"base_model": cfg.base_model, "preference": cfg.preference,
+                    "adversarial_share": cfg.adversarial_share}
+    try:
+        with Stage("models"):
+            models.check_minilm()
+            if cfg.base_model == "smollm2":
+                models.provision_smollm2()
+            elif cfg.base_model == "tiny":
+                models.build_tiny()
+        with Stage("stack"):
+            for c in stack.components(with_airflow=False):
+                if not c.running():
+                    started.append(c)
+                c.start()
+            stack.ensure_topics()
+            stack.airflow_db_migrate()
+        with Stage("serving"):
+            if server.running():
+                raise SystemExit(f"a chat server is already running (pid {server.pid()}); stop it first")
+            server.start()
+            started.append(server)
+            report["adapter_before"] = serving_health().get("adapters")
+
+        window_start = datetime.now(UTC) - timedelta(minutes=1)
+        with Stage("traffic + measure before"):
+            # Feedback traffic on the training prompts and the held-out measurement run side by side;
+            # the server batches both.
+            results: dict[str, dict] = {}
+
+            def run(key: str, *args: object) -> None:
+                results[key] = simulate_round(cfg, *args)  # type: ignore[arg-type]
+
+            threads = [threading.Thread(target=run, args=("traffic", "traffic", "train",
+                                                          cfg.traffic_answers_per_prompt, cfg.seed)),
+                       threading.Thread(target=run, args=("before", "measure", "heldout",
+                                                          cfg.measure_answers_per_prompt, cfg.seed + 100))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            if set(results) != {"traffic", "before"}:
+                raise SystemExit("a simulation round failed; see the messages above")
+            report["traffic"] = results["traffic"]
+            report["thumbs_up_rate_before"] = results["before"]["thumbs_up_rate"]
+        window_end = datetime.now(UTC) + timedelta(minutes=1)
+
+        with Stage("ingest (airflow: feedback_ingest)"):
+            airflow_dags_test("feedback_ingest", {})
+        landed_at = time.monotonic()
+
+        with Stage("retrain (airflow: preference_retrain)"):
+            airflow_dags_test("preference_retrain", {
+                "base_model": cfg.base_model, "dpo_config": cfg.dpo_config, "dpo_overrides": cfg.dpo_overrides,
+                "eval_overrides": cfg.eval_overrides, "dataset_overrides": cfg.dataset_overrides,
+                "window_start": window_start.isoformat(), "window_end": window_end.isoformat()})
+        report.update(registry_outcome())
+
+        with Stage("serving picks up the champion"):
+            champion = report.get("champion_version")
+            if champion and report["gate"]["passed"]:
+                deadline = time.monotonic() + cfg.adapter_wait_s
+                while time.monotonic() < deadline:
+                    if champion in json.dumps(serving_health().get("adapters")):
+                        break
+                    time.sleep(1)
+                else:
+                    raise SystemExit(f"serving did not pick up champion version {champion} "
+                                     f"within {cfg.adapter_wait_s:.0f}s")
+                report["loop_latency_s"] = round(time.monotonic() - landed_at, 1)
+            report["adapter_after"] = serving_health().get("adapters")
+
+        with Stage("measure after"):
+            after = simulate_round(cfg, "measure", "heldout", cfg.measure_answers_per_prompt, cfg.seed + 100)
+            report["thumbs_up_rate_after"] = after["thumbs_up_rate"]
+            report["answers_measured"] = after["answers_judged"]
+    finally:
+        if not cfg.keep_running:
+            with Stage("stop what the demo started"):
+                for c in reversed(started):
+                    c.stop()
+    report["seconds"] = dict(Stage.seconds, total=round(time.monotonic() - t_start, 1))
+    path = report_dir / "report.json"
+    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    print_summary(report, path)
+    return report
+
+
+def registry_outcome() -> dict:
+    """What the retrain run left in the registry: newest version, its dataset, the gate's verdict."""
+    from training import registry
+
+    refs = registry.find_versions({})
+    if not refs:
+        raise SystemExit("preference_retrain registered no model version; see var/log/dags-test-*.log")
+    newest = refs[0]
+    aliases = registry.aliases()
+    tags = newest.tags
+    gate_lines = json.loads(tags["gate.lines"]) if "gate.lines" in tags else []
+    passed = tags.get("gate.passed", "").lower() == "true"
+    run_id = newest.run_id
+    return {
+        "model_version": newest.version,
+        "dataset_version": tags.get("dataset_version"),
+        "champion_version": aliases.get("champion"),
+        "aliases": aliases,
+        "gate": {"passed": passed, "lines": gate_lines},
+        "mlflow_run": f"{endpoints.mlflow_tracking_uri()}/#/experiments/0/runs/{run_id}" if run_id else None,
+        "mlflow_model_version": f"{endpoints.mlflow_tracking_uri()}/#/models/{newest.name}/versions/{newest.version}",
+    }
+
+
+def print_summary(report: dict, path: Path) -> None:
+    before, after = report.get("thumbs_up_rate_before"), report.get("thumbs_up_rate_after")
+    print("\n" + "=" * 78)
+    print(f"Flywheel demo — hidden preference {report['preference']!r} on {report['base_model']}")
+    if before is not None and after is not None:
+        print(f"  held-out thumbs-up rate  {before:6.1%}  ->  {after:6.1%}   ({(after - before) * 100:+.1f} points)")
+    print(f"  dataset version          {report.get('dataset_version')}")
+    print(f"  model version            {report.get('model_version')}  (champion: {report.get('champion_version')})")
+    print(f"  MLflow run               {report.get('mlflow_run')}")
+    print(f"  MLflow model version     {report.get('mlflow_model_version')}")
+    gate = report.get("gate", {})
+    print(f"  gate                     {'PASSED' if gate.get('passed') else 'REJECTED'}")
+    for line in gate.get("lines", []):
+        print(f"    {line}")
+    if "loop_latency_s" in report:
+        print(f"  loop latency             {report['loop_latency_s']}s (feedback landed -> adapter serving)")
+    print("  seconds per stage        " + ", ".join(f"{k} {v:.0f}" for k, v in report["seconds"].items()))
+    print(f"  report                   {path}")
+    print("=" * 78)
+
+
+if __name__ == "__main__":
+    main(parse_config(Config))
