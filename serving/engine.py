@@ -1,0 +1,362 @@
+"""Batched generation on one shared base model with PEFT LoRA adapters, for the chat server.
+
+One worker thread owns the model. Requests from any thread are queued; the worker takes the first,
+waits up to `max_wait_ms` for more (up to `max_batch`), and decodes the whole batch with one
+forward pass per token. Each row keeps its own sampling parameters, seed, token limit and LoRA
+adapter (PEFT's mixed-adapter batch: `adapter_names=` on forward), so a batch never has to be split
+by adapter or temperature. Rows that finish are dropped from the KV cache, so one long answer does
+not make the short ones pay for padding.
+
+We decode with our own loop instead of `generate()` because `generate()` takes one set of sampling
+parameters per call, cannot stream per row, and we need each chosen token's log-probability under
+the serving model (the `completion_logprob` of the response event) anyway.
+
+Adapter loads and unloads run on the worker thread between batches, so a forward pass never sees a
+half-loaded adapter; a request keeps the adapter name it was admitted with, so in-flight requests
+finish on the adapter they started with when the champion moves.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import re
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("serving.engine")
+
+BASE = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
+
+
+class PromptTooLong(ValueError):
+    """The prompt plus the requested completion does not fit the model's context window."""
+
+
+class AdapterLoadError(RuntimeError):
+    """An adapter folder that cannot be loaded on this base model."""
+
+
+def adapter_name(label: str) -> str:
+    """PEFT adapter name for a registry label (`flywheel-assistant/3` -> `flywheel-assistant_3`).
+
+    PEFT stores adapters in ModuleDicts, whose keys may not contain dots; the version stays in the
+    name so an old adapter can never be mistaken for a new one.
+    """
+    return re.sub(r"[^A-Za-z0-9_-]", "_", label)
+
+
+@dataclass
+class GenResult:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" | "length"
+    prompt_tokens: int
+    completion_tokens: int
+    logprob: float  # summed log-probability of the completion tokens (incl. the final eos on "stop")
+
+
+@dataclass
+class GenRequest:
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None = None
+    adapter: str | None = None  # PEFT adapter name; None = base model
+    on_delta: Callable[[str], None] | None = None  # called from the worker thread with new text
+    future: Future = field(default_factory=Future)
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+def pick_dtype(dtype: str) -> torch.dtype:
+    """`auto` = bf16: on these CPUs (avx512_bf16) bf16 generate is ~2x faster than fp32 (STACK-NOTES)."""
+    table = {"auto": torch.bfloat16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+             "fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16}
+    if dtype not in table:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(table)}")
+    return table[dtype]
+
+
+class Engine:
+    """The base model, its tokenizer, its loaded adapters and the batching worker."""
+
+    def __init__(self, model_path: str, dtype: str = "auto", device: str = "auto", max_batch: int = 8,
+                 max_wait_ms: float = 10.0, threads: int | None = None):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
+                                   else ("cpu" if device == "auto" else device))
+        self.dtype = pick_dtype(dtype)
+        if threads:
+            torch.set_num_threads(threads)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.tokenizer.padding_side = "left"  # batched decoding needs left padding (STACK-NOTES)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype).to(self.device).eval()
+        self.model_path = model_path
+        eos = self.model.generation_config.eos_token_id
+        eos = eos if eos is not None else self.tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+        self.pad_id = self.tokenizer.pad_token_id
+        self.context_len = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000.0
+        self.adapters: dict[str, str] = {}  # PEFT name -> folder
+        self._queue: queue.Queue[GenRequest | None] = queue.Queue()
+        self._control: queue.Queue[tuple[Callable[[], object], Future]] = queue.Queue()
+        self._stop = threading.Event()
+        self.stats = {"batches": 0, "requests": 0, "tokens": 0, "max_batch_seen": 0}
+        self._worker = threading.Thread(target=self._run, name="serving-engine", daemon=True)
+        self._worker.start()
+
+    # --- prompts ------------------------------------------------------------------------------
+
+    def encode(self, messages: list[dict], max_tokens: int) -> list[int]:
+        """Token ids of the chat-templated prompt (with the model's default system prompt, if any)."""
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) + max_tokens > self.context_len:
+            raise PromptTooLong(f"the prompt has {len(ids)} tokens and max_tokens is {max_tokens}, but the model's "
+                                f"context is {self.context_len} tokens; shorten the conversation or max_tokens")
+        return ids
+
+    # --- requests -----------------------------------------------------------------------------
+
+    def submit(self, req: GenRequest) -> Future:
+        if self._stop.is_set():
+            raise RuntimeError("the engine is shut down")
+        if req.adapter is not None and req.adapter not in self.adapters:
+            raise AdapterLoadError(f"adapter {req.adapter} is not loaded")
+        self._queue.put(req)
+        return req.future
+
+    def start(self, messages: list[dict], max_tokens: int, temperature: float, top_p: float, seed: int | None,
+              adapter: str | None, on_delta: Callable[[str], None] | None = None) -> Future:
+        """Queue one chat request; the future resolves to a GenResult. Raises PromptTooLong at once."""
+        ids = self.encode(messages, max_tokens)
+        return self.submit(GenRequest(ids, max_tokens, temperature, top_p, seed, adapter, on_delta))
+
+    def state(self) -> dict:
+        return {"backend": "transformers", "model_path": self.model_path, "dtype": str(self.dtype),
+                "device": str(self.device), "queue": self._queue.qsize(), "max_batch": self.max_batch,
+                "max_wait_ms": self.max_wait * 1000, **self.stats}
+
+    def generate(self, messages: list[dict], max_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int | None = None, adapter: str | None = None) -> GenResult:
+        """Blocking convenience wrapper (benchmarks, scripts)."""
+        ids = self.encode(messages, max_tokens)
+        return self.submit(GenRequest(ids, max_tokens, temperature, top_p, seed, adapter)).result()
+
+    # --- adapters (run on the worker thread, between batches) ---------------------------------
+
+    def _call_on_worker(self, fn: Callable[[], object], timeout: float = 300.0) -> object:
+        fut: Future = Future()
+        self._control.put((fn, fut))
+        self._queue.put(None)  # wake the worker if it waits for requests
+        return fut.result(timeout=timeout)
+
+    def load_adapter(self, name: str, folder: str | Path) -> None:
+        """Load a LoRA folder under `name` (idempotent). Raises AdapterLoadError when it does not fit."""
+        if name in self.adapters:
+            return
+        folder = str(folder)
+
+        def load() -> None:
+            from peft import PeftModel
+
+            try:
+                if isinstance(self.model, PeftModel):
+                    self.model.load_adapter(folder, adapter_name=name, is_trainable=False)
+                else:
+                    self.model = PeftModel.from_pretrained(self.model, folder, adapter_name=name,
+                                                           is_trainable=False)
+            except Exception as e:  # noqa: BLE001 - any PEFT/shape error means "this adapter does not fit"
+                raise AdapterLoadError(f"cannot load adapter {name} from {folder} on {self.model_path}: {e}") from e
+            self._cast_lora(name)
+            self.model.eval()
+            self.adapters[name] = folder
+
+        t0 = time.perf_counter()
+        self._call_on_worker(load)
+        log.info("loaded adapter %s from %s in %.2fs", name, folder, time.perf_counter() - t0)
+
+    def _cast_lora(self, name: str) -> None:
+        """Keep LoRA weights in the base dtype: PEFT upcasts them to fp32, which makes every adapted
+        matmul a mixed-dtype one (measured in tests/benchmarks/bench_serving.py)."""
+        for pname, p in self.model.named_parameters():
+            if f".{name}." in pname and p.dtype != self.dtype:
+                p.data = p.data.to(self.dtype)
+
+    def unload_adapter(self, name: str) -> None:
+        if name not in self.adapters:
+            return
+
+        def unload() -> None:
+            # PEFT cannot delete its last adapter cleanly; an unreferenced one costs only memory.
+            if len(self.adapters) > 1:
+                self.model.delete_adapter(name)
+                self.adapters.pop(name, None)
+
+        self._call_on_worker(unload)
+
+    # --- the worker ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._stop.set()
+        self._queue.put(None)
+        self._worker.join(timeout=30)
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while not self._stop.is_set():
+            self._run_control()
+            first = self._queue.get()
+            if first is None:
+                continue
+            batch = [first]
+            deadline = time.monotonic() + self.max_wait
+            while len(batch) < self.max_batch:
+                timeout = deadline - time.monotonic()
+                try:
+                    nxt = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:  # a control command waits: run this batch, then the command
+                    break
+                batch.append(nxt)
+            live = [r for r in batch if r.future.set_running_or_notify_cancel()]
+            if not live:
+                continue
+            try:
+                with torch.inference_mode():
+                    self._decode(live)
+            except Exception as e:  # noqa: BLE001 - fail the batch's requests, keep serving
+                log.exception("batch of %d failed", len(live))
+                for r in live:
+                    if not r.future.done():
+                        r.future.set_exception(e)
+        for _fn, fut in self._drain_control():
+            fut.set_exception(RuntimeError("engine shut down"))
+
+    def _drain_control(self) -> list[tuple[Callable[[], object], Future]]:
+        out = []
+        while True:
+            try:
+                out.append(self._control.get_nowait())
+            except queue.Empty:
+                return out
+
+    def _run_control(self) -> None:
+        for fn, fut in self._drain_control():
+            try:
+                fut.set_result(fn())
+            except Exception as e:  # noqa: BLE001 - handed back to the caller
+                fut.set_exception(e)
+
+    def _forward(self, ids: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, past, names: list[str] | None):
+        kw = {"adapter_names": names} if names is not None else {}
+        return self.model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=past,
+                          use_cache=True, **kw)
+
+    def _decode(self, reqs: list[GenRequest]) -> None:
+        from transformers import DynamicCache
+
+        B = len(reqs)
+        self.stats["batches"] += 1
+        self.stats["requests"] += B
+        self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], B)
+        width = max(len(r.prompt_ids) for r in reqs)
+        ids = torch.full((B, width), self.pad_id, dtype=torch.long)
+        attn = torch.zeros((B, width), dtype=torch.long)
+        for i, r in enumerate(reqs):
+            ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
+            attn[i, width - len(r.prompt_ids):] = 1
+        ids, attn = ids.to(self.device), attn.to(self.device)
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        from peft import PeftModel
+
+        peft = isinstance(self.model, PeftModel)
+        names = [r.adapter or BASE for r in reqs] if peft else None
+        if not peft and any(r.adapter for r in reqs):
+            raise AdapterLoadError("a request names an adapter but none is loaded")
+        gens = []
+        for r in reqs:
+            g = torch.Generator()
+            g.manual_seed(r.seed if r.seed is not None else random.getrandbits(63))
+            gens.append(g)
+        out = self._forward(ids, attn, pos, DynamicCache(), names)
+        past, logits = out.past_key_values, out.logits[:, -1, :]
+        rows = list(range(B))  # which request each live batch row belongs to
+        tokens: list[list[int]] = [[] for _ in reqs]
+        logprob = [0.0] * B
+        sent = [""] * B
+        while rows:
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            next_ids = []
+            keep = []
+            for j, i in enumerate(rows):
+                r = reqs[i]
+                tok = self._sample(logp[j], r.temperature, r.top_p, gens[i])
+                logprob[i] += float(logp[j, tok])
+                done = None
+                if tok in self.eos_ids:
+                    done = "stop"
+                else:
+                    tokens[i].append(tok)
+                    if len(tokens[i]) >= r.max_tokens:
+                        done = "length"
+                if r.on_delta is not None and done != "stop":
+                    text = self.tokenizer.decode(tokens[i], skip_special_tokens=True)
+                    if not text.endswith("\ufffd") and len(text) > len(sent[i]):
+                        r.on_delta(text[len(sent[i]):])
+                        sent[i] = text
+                if done:
+                    self._finish(r, tokens[i], done, logprob[i], sent[i])
+                else:
+                    keep.append(j)
+                    next_ids.append(tok)
+            self.stats["tokens"] += len(rows)
+            if not keep:
+                break
+            if len(keep) < len(rows):  # drop finished rows from the cache and the batch
+                idx = torch.tensor(keep, device=self.device)
+                past.batch_select_indices(idx)
+                attn, pos = attn[idx], pos[idx]
+                rows = [rows[j] for j in keep]
+                names = [names[j] for j in keep] if names is not None else None
+            attn = torch.cat([attn, torch.ones((len(rows), 1), dtype=attn.dtype, device=self.device)], dim=-1)
+            pos = pos[:, -1:] + 1
+            step_ids = torch.tensor(next_ids, device=self.device).unsqueeze(-1)
+            out = self._forward(step_ids, attn, pos, past, names)
+            past, logits = out.past_key_values, out.logits[:, -1, :]
+
+    def _finish(self, r: GenRequest, toks: list[int], reason: str, logprob: float, sent: str) -> None:
+        text = self.tokenizer.decode(toks, skip_special_tokens=True)
+        if r.on_delta is not None and len(text) > len(sent):
+            r.on_delta(text[len(sent):])
+        r.future.set_result(GenResult(text=text, token_ids=toks, finish_reason=reason,
+                                      prompt_tokens=len(r.prompt_ids), completion_tokens=len(toks),
+                                      logprob=min(0.0, logprob)))
+
+    @staticmethod
+    def _sample(logp: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
+        """Greedy at temperature 0, else nucleus sampling with the row's own seeded generator."""
+        if temperature <= 0.0:
+            return int(torch.argmax(logp))
+        probs = torch.softmax(logp / temperature, dim=-1)
+        if top_p < 1.0:
+            sorted_p, order = torch.sort(probs, descending=True)
+            cut = int(torch.searchsorted(torch.cumsum(sorted_p, -1), torch.tensor(top_p))) + 1
+            sorted_p = sorted_p[:cut]
+            k = int(torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=gen))
+            return int(order[k])
+        return int(torch.multinomial(probs, 1, generator=gen))

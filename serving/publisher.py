@@ -1,0 +1,346 @@
+"""Events to Kafka without ever blocking a request or losing an acknowledged event.
+
+`publish()` only puts the record on a bounded in-memory queue (or, when that is full, appends it to
+the disk spool) and returns. One sender thread owns one kafka-python producer (acks=all,
+idempotent, gzip: the codecs with native libraries are not installed here).
+
+Modes:
+  direct    the sender hands records to the producer; a record whose delivery fails (the broker
+            went away and `delivery_timeout_ms` passed) is appended to the spool by its errback,
+            and the publisher switches to spooling.
+  spooling  records go to the spool (JSON lines, in arrival order). Every `retry_interval_s` the
+            sender tries a fresh producer; when one connects it replays the spool segment by
+            segment, oldest first, deleting a segment only after every record in it was
+            acknowledged (records that failed are written back, so nothing is sent twice by us),
+            then returns to direct mode.
+
+A fresh producer per connection, because an idempotent producer whose batches expired keeps
+sequence numbers the broker no longer expects. Exactly once per event id holds as long as the
+broker does not die between writing a record and acknowledging it (then the producer cannot know,
+and the record is replayed); ingest dedups by event_id for that case.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger("serving.publisher")
+
+
+@dataclass(frozen=True)
+class Record:
+    topic: str
+    key: str
+    value: bytes
+
+    def line(self) -> str:
+        return json.dumps({"t": self.topic, "k": self.key, "v": self.value.decode("utf-8")}) + "\n"
+
+    @staticmethod
+    def from_line(line: str) -> Record:
+        d = json.loads(line)
+        return Record(d["t"], d["k"], d["v"].encode("utf-8"))
+
+
+class Spool:
+    """Append-only JSON-lines segments under `folder`, replayed oldest first."""
+
+    def __init__(self, folder: Path, fsync: bool = False):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.fsync = fsync
+        self.lock = threading.Lock()
+        self._current: Path | None = None
+        self.pending = sum(self._count(p) for p in self.segments())
+
+    @staticmethod
+    def _count(path: Path) -> int:
+        with open(path, encoding="utf-8") as f:
+            return sum(1 for line in f if line.strip())
+
+    def segments(self) -> list[Path]:
+        return sorted(self.folder.glob("seg-*.jsonl"))
+
+    def append(self, records: list[Record]) -> None:
+        with self.lock:
+            if self._current is None:
+                self._current = self.folder / f"seg-{time.time_ns():020d}.jsonl"
+            with open(self._current, "a", encoding="utf-8") as f:
+                f.write("".join(r.line() for r in records))
+                f.flush()
+                if self.fsync:
+                    os.fsync(f.fileno())
+            self.pending += len(records)
+
+    def seal(self) -> list[Path]:
+        """Close the segment being written; later appends start a new one. Returns all segments."""
+        with self.lock:
+            self._current = None
+            return self.segments()
+
+    def read(self, path: Path) -> list[Record]:
+        with open(path, encoding="utf-8") as f:
+            return [Record.from_line(line) for line in f if line.strip()]
+
+    def done(self, path: Path, sent: int, remaining: list[Record]) -> None:
+        """After replaying `path`: drop it, or keep only the records that were not acknowledged."""
+        with self.lock:
+            if remaining:
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text("".join(r.line() for r in remaining), encoding="utf-8")
+                tmp.replace(path)
+            else:
+                path.unlink(missing_ok=True)
+            self.pending -= sent
+
+    def empty(self) -> bool:
+        with self.lock:
+            return not self.segments()
+
+
+class EventPublisher:
+    """Non-blocking, spool-backed Kafka publishing for the serving process."""
+
+    def __init__(self, bootstrap: str, spool_dir: str | Path, queue_size: int = 10_000, compression: str = "gzip",
+                 delivery_timeout_ms: int = 10_000, retry_interval_s: float = 1.0, fsync: bool = False):
+        self.bootstrap = bootstrap
+        self.compression = None if compression in ("", "none") else compression
+        self.delivery_timeout_ms = delivery_timeout_ms
+        self.retry_interval_s = retry_interval_s
+        self.spool = Spool(Path(spool_dir), fsync=fsync)
+        self._queue: queue.Queue[Record] = queue.Queue(maxsize=queue_size)
+        self._producer = None
+        self._mode = "spooling"  # until the first producer connects
+        self._failed = threading.Event()  # set by an errback: leave direct mode
+        self._stop = threading.Event()
+        self._in_flight = 0
+        self._lock = threading.Lock()
+        self._last_probe = 0.0
+        self.last_error: str | None = None
+        self.counts = {"published": 0, "sent": 0, "spooled": 0, "replayed": 0, "overflow": 0}
+        self._thread = threading.Thread(target=self._run, name="serving-publisher", daemon=True)
+        self._thread.start()
+
+    # --- the request side ---------------------------------------------------------------------
+
+    def publish(self, topic: str, key: str, value: bytes) -> None:
+        """Queue one record; never blocks. A full queue spills to the disk spool."""
+        rec = Record(topic, key, value)
+        with self._lock:
+            self.counts["published"] += 1
+        try:
+            self._queue.put_nowait(rec)
+        except queue.Full:
+            with self._lock:
+                self.counts["overflow"] += 1
+            self._to_spool([rec])
+
+    def state(self) -> dict:
+        return {"mode": self._mode, "queue": self._queue.qsize(), "in_flight": self._in_flight,
+                "spool_pending": self.spool.pending, "spool_dir": str(self.spool.folder),
+                "last_error": self.last_error, **self.counts}
+
+    def idle(self) -> bool:
+        """True when every published record has been acknowledged by the broker."""
+        return (self._mode == "direct" and self._queue.empty() and self._in_flight == 0
+                and self.spool.pending == 0)
+
+    def wait_idle(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.idle():
+                return True
+            time.sleep(0.05)
+        return self.idle()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Drain: send what can be sent within `timeout`, spool the rest."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not self.idle() and self._mode == "direct":
+            time.sleep(0.05)
+        self._stop.set()
+        self._thread.join(timeout=max(1.0, deadline - time.monotonic()) + 5)
+
+    # --- the sender thread --------------------------------------------------------------------
+
+    def _to_spool(self, records: list[Record]) -> None:
+        self.spool.append(records)
+        with self._lock:
+            self.counts["spooled"] += len(records)
+
+    def _new_producer(self):  # noqa: ANN202 - kafka.KafkaProducer
+        from kafka import KafkaProducer
+
+        return KafkaProducer(
+            bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True, compression_type=self.compression,
+            linger_ms=5, max_in_flight_requests_per_connection=5, retries=5,
+            request_timeout_ms=min(5_000, self.delivery_timeout_ms // 2), delivery_timeout_ms=self.delivery_timeout_ms,
+            max_block_ms=5_000, reconnect_backoff_ms=200, reconnect_backoff_max_ms=1_000,
+            # a dead broker must fail the probe fast: the sender thread is the one that spools
+            bootstrap_timeout_ms=2_000,
+        )
+
+    def _send(self, rec: Record) -> None:
+        with self._lock:
+            self._in_flight += 1
+
+        def ok(_md) -> None:  # noqa: ANN001
+            with self._lock:
+                self._in_flight -= 1
+                self.counts["sent"] += 1
+
+        def failed(exc) -> None:  # noqa: ANN001
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            self._failed.set()
+            self._to_spool([rec])
+            with self._lock:
+                self._in_flight -= 1
+
+        try:
+            fut = self._producer.send(rec.topic, key=rec.key.encode("utf-8"), value=rec.value)
+        except Exception as e:  # noqa: BLE001 - e.g. metadata timeout: the broker is gone
+            failed(e)
+            return
+        fut.add_callback(ok)
+        fut.add_errback(failed)
+
+    def _drop_producer(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            # close(timeout=0) aborts unsent batches; their errbacks spool them.
+            with contextlib.suppress(Exception):
+                producer.close(timeout=0)
+        deadline = time.monotonic() + 5
+        while self._in_flight and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                rec = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                rec = None
+            if self._failed.is_set() and self._mode == "direct":
+                log.warning("Kafka delivery failed (%s); spooling events to %s", self.last_error, self.spool.folder)
+                self._mode = "spooling"
+                self._drop_producer()
+            if self._mode == "direct":
+                if rec is not None:
+                    self._send(rec)
+            elif rec is not None:
+                self._to_spool([rec])
+            if self._stop.is_set() and rec is None:
+                break
+            if self._mode == "spooling" and not self._stop.is_set() \
+                    and time.monotonic() - self._last_probe > self.retry_interval_s:
+                self._last_probe = time.monotonic()
+                self._try_reconnect()
+        # shutting down: whatever is still queued goes to the spool, in-flight records get a moment
+        rest = []
+        while True:
+            try:
+                rest.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        if rest:
+            self._to_spool(rest)
+        if self._producer is not None:
+            with contextlib.suppress(Exception):
+                self._producer.flush(timeout=5)
+            self._drop_producer()
+
+    def _try_reconnect(self) -> None:
+        try:
+            self._producer = self._new_producer()
+        except Exception as e:  # noqa: BLE001 - NoBrokersAvailable and friends: stay spooling
+            self.last_error = f"{type(e).__name__}: {e}"
+            self._producer = None
+            return
+        self._failed.clear()
+        # Each pass replays what was spooled while the previous one ran; a few passes converge.
+        for _ in range(20):
+            if not self._replay():
+                break
+            with self.spool.lock:  # no append can slip in between "spool empty" and "direct"
+                if not self.spool.segments():
+                    self._mode = "direct"
+                    log.info("Kafka reachable; publishing directly")
+                    return
+        self._drop_producer()
+
+    def _replay(self) -> bool:
+        """Send every sealed segment in order; False as soon as one record fails."""
+        for seg in self.spool.seal():
+            records = self.spool.read(seg)
+            futures = []
+            for rec in records:
+                try:
+                    futures.append(self._producer.send(rec.topic, key=rec.key.encode("utf-8"), value=rec.value))
+                except Exception as e:  # noqa: BLE001
+                    self.last_error = f"{type(e).__name__}: {e}"
+                    futures.append(None)
+            with contextlib.suppress(Exception):
+                self._producer.flush(timeout=self.delivery_timeout_ms / 1000 + 5)
+            remaining = []
+            for rec, fut in zip(records, futures, strict=True):
+                ok = fut is not None and fut.is_done and fut.succeeded()
+                if not ok:
+                    remaining.append(rec)
+            sent = len(records) - len(remaining)
+            self.spool.done(seg, sent, remaining)
+            with self._lock:
+                self.counts["replayed"] += sent
+                self.counts["sent"] += sent
+            if remaining:
+                log.warning("replay of %s stopped: %d records not acknowledged", seg.name, len(remaining))
+                return False
+            if self._queue.qsize() > self._queue.maxsize // 2:  # let the sender drain the queue meanwhile
+                while True:
+                    try:
+                        self._to_spool([self._queue.get_nowait()])
+                    except queue.Empty:
+                        break
+        return True
+
+
+def read_topic(bootstrap: str, topic: str, until: set[str] | None = None, timeout: float = 30.0,
+               quiet_s: float = 2.0) -> list[dict]:
+    """Every record of `topic` from the beginning, as parsed JSON (for checks, tests and the demo).
+
+    Stops when every event id in `until` has been seen, or after `quiet_s` without new records
+    (`end_offsets` is not trusted: tansu can report a stale one after pipelined produce).
+    """
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, request_timeout_ms=10_000)
+    try:
+        parts = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
+        consumer.assign(parts)
+        consumer.seek_to_beginning(*parts)
+        out: list[dict] = []
+        seen: set[str] = set()
+        deadline = time.monotonic() + timeout
+        last_new = time.monotonic()
+        while time.monotonic() < deadline:
+            batch = consumer.poll(timeout_ms=300)
+            for records in batch.values():
+                for r in records:
+                    ev = json.loads(r.value)
+                    out.append(ev)
+                    seen.add(ev.get("event_id"))
+                    last_new = time.monotonic()
+            if until is not None and until <= seen:
+                break
+            if until is None and time.monotonic() - last_new > quiet_s:
+                break
+        return out
+    finally:
+        consumer.close()

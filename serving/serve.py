@@ -1,0 +1,243 @@
+"""Serve the assistant: `python -m serving --config serving/configs/serve.yaml [key=value ...]`.
+
+Builds the backend (transformers on this machine, or a vLLM OpenAI server on a GPU cluster), the
+adapter router (MLflow registry aliases), the Kafka event publisher (with its disk spool) and the
+HTTP app, then runs uvicorn on loopback until SIGINT/SIGTERM. On shutdown the publisher drains:
+events it cannot send go to the spool and are replayed by the next start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from ingest import endpoints
+from ingest.config import parse_config
+
+log = logging.getLogger("serving")
+
+
+@dataclass
+class ModelConfig:
+    """Base model and where it runs."""
+
+    base: str = "smollm2"  # endpoints.model_path name ("tiny", "smollm2") or a folder
+    dtype: str = "auto"  # auto = bf16 (faster than fp32 on these CPUs: STACK-NOTES)
+    device: str = "auto"
+    threads: int = 0  # torch intra-op threads; 0 = torch's default
+    served_name: str = ""  # id of the base in /v1/models and responses; "" = the value of `base`
+
+
+@dataclass
+class RegistryConfig:
+    """Which adapters answer: registry model, aliases, A/B share, polling."""
+
+    model_name: str = "flywheel-assistant"
+    champion_alias: str = "champion"
+    challenger_alias: str = "challenger"
+    challenger_share: float = 0.0  # share of users (sticky by user id) answered by the challenger
+    poll_interval_s: float = 2.0
+    adapters_dir: str = ""  # "" = <var>/serving/adapters
+    max_loaded: int = 4
+    enabled: bool = True  # false: never ask MLflow, serve the base only
+
+
+@dataclass
+class HttpConfig:
+    """Listener, feedback tokens, limits."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    token_secret: str = ""  # "" = $FLYWHEEL_TOKEN_SECRET, else a random one (tokens die with the process)
+    token_ttl_s: int = 7 * 24 * 3600
+    max_body_bytes: int = 1_048_576  # chat requests
+    max_feedback_bytes: int = 65_536
+    feedback_per_minute: float = 120.0  # per user; 0 = unlimited
+    feedback_burst: int = 30
+    chat_per_minute: float = 0.0  # per user; 0 = unlimited
+    chat_burst: int = 20
+    max_responses: int = 200_000  # issued responses remembered for feedback (LRU)
+    log_level: str = "warning"
+
+
+@dataclass
+class BatchingConfig:
+    """Dynamic batching of concurrent chat requests into one decode loop."""
+
+    max_batch: int = 8
+    max_wait_ms: float = 10.0
+
+
+@dataclass
+class GenerationConfig:
+    """Defaults for requests that do not set them."""
+
+    max_tokens: int = 256
+    max_tokens_limit: int = 1024
+    temperature: float = 0.7
+    top_p: float = 1.0
+
+
+@dataclass
+class EventsConfig:
+    """Kafka publishing and the disk spool."""
+
+    bootstrap: str = ""  # "" = endpoints.kafka_bootstrap()
+    spool_dir: str = ""  # "" = <var>/serving/spool
+    queue_size: int = 10_000
+    compression: str = "gzip"
+    delivery_timeout_ms: int = 10_000
+    retry_interval_s: float = 1.0
+    fsync: bool = False  # fsync every spool append (slower; survives a power cut)
+
+
+@dataclass
+class VllmConfig:
+    """backend=vllm: a vLLM OpenAI server with runtime LoRA loading (VLLM_ALLOW_RUNTIME_LORA_UPDATING=1)."""
+
+    url: str = "http://127.0.0.1:8100"
+    model: str = ""  # the base model name vLLM serves; "" = model.served_name/base
+    timeout_s: float = 120.0
+    adapters_root: str = ""  # adapter folders as the vLLM host sees them; "" = same paths as here
+
+
+@dataclass
+class Config:
+    """Serve the assistant with registry-managed LoRA adapters and feedback capture.
+
+    model.*       base model, dtype, device
+    registry.*    MLflow registry model name, aliases, A/B challenger share, poll interval
+    http.*        host/port (loopback), feedback-token secret and lifetime, body limits, rate limits
+    batching.*    dynamic batching (max batch, max wait)
+    generation.*  default max_tokens / temperature / top_p, and the max_tokens ceiling
+    events.*      Kafka bootstrap, spool folder, queue size, compression
+    backend       transformers (CPU/GPU here) or vllm (GPU cluster; see vllm.*)
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    events: EventsConfig = field(default_factory=EventsConfig)
+    backend: Literal["transformers", "vllm"] = "transformers"
+    vllm: VllmConfig = field(default_factory=VllmConfig)
+
+
+def token_secret(cfg: Config) -> bytes:
+    secret = cfg.http.token_secret or os.environ.get("FLYWHEEL_TOKEN_SECRET", "")
+    if not secret:
+        log.warning("no http.token_secret / FLYWHEEL_TOKEN_SECRET set: using a random one, so feedback tokens "
+                    "stop working when this process restarts")
+        secret = secrets.token_hex(32)
+    return secret.encode()
+
+
+def build(cfg: Config):  # noqa: ANN201 - returns serving.app.Service
+    """Everything but the HTTP listener: backend, router, publisher, app. Used by main() and tests."""
+    from serving.adapters import AdapterRouter
+    from serving.app import Service, create_app
+    from serving.publisher import EventPublisher
+
+    # MLflow's client retries a dead server for minutes by default; the poller retries on its own.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    var = endpoints.var_dir() / "serving"
+    served_name = cfg.model.served_name or cfg.model.base
+    if cfg.backend == "vllm":
+        from serving.vllm import VllmBackend
+
+        backend = VllmBackend(cfg.vllm.url, cfg.vllm.model or served_name, timeout_s=cfg.vllm.timeout_s,
+                              adapters_root=cfg.vllm.adapters_root or None)
+    else:
+        from serving.engine import Engine
+
+        backend = Engine(endpoints.model_path(cfg.model.base), dtype=cfg.model.dtype, device=cfg.model.device,
+                         max_batch=cfg.batching.max_batch, max_wait_ms=cfg.batching.max_wait_ms,
+                         threads=cfg.model.threads or None)
+    router = AdapterRouter(backend, base_model=cfg.model.base, model_name=cfg.registry.model_name,
+                           adapters_dir=Path(cfg.registry.adapters_dir or var / "adapters"),
+                           champion_alias=cfg.registry.champion_alias,
+                           challenger_alias=cfg.registry.challenger_alias,
+                           challenger_share=cfg.registry.challenger_share, max_loaded=cfg.registry.max_loaded)
+    publisher = EventPublisher(cfg.events.bootstrap or endpoints.kafka_bootstrap(),
+                               cfg.events.spool_dir or var / "spool", queue_size=cfg.events.queue_size,
+                               compression=cfg.events.compression,
+                               delivery_timeout_ms=cfg.events.delivery_timeout_ms,
+                               retry_interval_s=cfg.events.retry_interval_s, fsync=cfg.events.fsync)
+    service = Service(cfg=cfg, backend=backend, router=router, publisher=publisher, secret=token_secret(cfg),
+                      served_name=served_name)
+    if cfg.registry.enabled:
+        router.start(cfg.registry.poll_interval_s)
+    service.app = create_app(service)
+    return service
+
+
+def main(cfg: Config) -> None:
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # kafka-python logs every failed reconnect while the broker is down; the publisher reports its
+    # own mode changes (and /healthz shows the spool), so its chatter is noise here.
+    logging.getLogger("kafka").setLevel(logging.CRITICAL)
+    if cfg.http.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("binding to %s: this exposes the server beyond loopback", cfg.http.host)
+    service = build(cfg)
+    log.info("serving %s on http://%s:%d (backend %s)", service.served_name, cfg.http.host, cfg.http.port,
+             cfg.backend)
+    try:
+        uvicorn.run(service.app, host=cfg.http.host, port=cfg.http.port, log_level=cfg.http.log_level)
+    finally:
+        service.close()
+
+
+if __name__ == "__main__":
+    main(parse_config(Config))
+
+
+class BackgroundServer:
+    """The whole server in this process, on a uvicorn thread (tests, benchmarks, the demo).
+
+    `with BackgroundServer(cfg) as srv: openai.OpenAI(base_url=srv.url + "/v1")`. Port 0 = a free port.
+    """
+
+    def __init__(self, cfg: Config):
+        import socket
+
+        if cfg.http.port == 0:
+            with socket.socket() as s:
+                s.bind((cfg.http.host, 0))
+                cfg.http.port = s.getsockname()[1]
+        self.cfg = cfg
+        self.url = f"http://{cfg.http.host}:{cfg.http.port}"
+        self.service = None
+        self._server = None
+        self._thread = None
+
+    def __enter__(self) -> BackgroundServer:
+        import threading
+        import time
+
+        import uvicorn
+
+        self.service = build(self.cfg)
+        config = uvicorn.Config(self.service.app, host=self.cfg.http.host, port=self.cfg.http.port,
+                                log_level=self.cfg.http.log_level, lifespan="off")
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, name="serving-uvicorn", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError(f"the server did not start on {self.url}")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=15)
+        self.service.close()

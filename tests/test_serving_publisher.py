@@ -1,0 +1,74 @@
+"""The event publisher against a real tansu broker: direct sends, spooling while the broker is down,
+ordered replay when it returns, each event id exactly once, and a spool left by a previous process."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections import Counter
+
+from ingest import endpoints
+from serving.publisher import EventPublisher, Record, Spool, read_topic
+
+
+def _ev(i: int) -> tuple[str, bytes]:
+    eid = f"pub-{uuid.uuid4().hex[:12]}-{i}"
+    return eid, json.dumps({"event_id": eid, "i": i}).encode()
+
+
+def test_spool_roundtrip(tmp_path):
+    spool = Spool(tmp_path)
+    spool.append([Record("t", "k", b'{"a": "\xc3\xa9"}'), Record("t", "k2", b"{}")])
+    (seg,) = spool.seal()
+    spool.append([Record("t", "k3", b"{}")])
+    assert len(spool.segments()) == 2 and spool.pending == 3
+    recs = spool.read(seg)
+    assert recs[0].value.decode() == '{"a": "é"}'
+    spool.done(seg, 1, recs[1:])  # one acknowledged, one written back
+    assert spool.pending == 2 and spool.read(seg) == recs[1:]
+    assert Spool(tmp_path).pending == 2  # a new process finds what the old one left
+
+
+def test_broker_outage_spools_and_replays_exactly_once(stack, tmp_path):
+    from infra import stack as stack_mod
+
+    topic = endpoints.topics()["feedback"].name
+    pub = EventPublisher(stack.kafka, tmp_path / "spool", delivery_timeout_ms=3000, retry_interval_s=0.5)
+    ids = []
+    try:
+        assert pub.wait_idle(20), (pub.state(), pub.last_error)
+        for i in range(20):
+            eid, v = _ev(i)
+            ids.append(eid)
+            pub.publish(topic, eid, v)
+        assert pub.wait_idle(20), (pub.state(), pub.last_error)
+        kafka = stack_mod._kafka()
+        kafka.stop()
+        try:
+            t0 = time.perf_counter()
+            for i in range(20, 60):
+                eid, v = _ev(i)
+                ids.append(eid)
+                pub.publish(topic, eid, v)
+                assert time.perf_counter() - t0 < 5, "publish() must never block on a dead broker"
+                time.sleep(0.05)
+            deadline = time.monotonic() + 20
+            while pub.state()["mode"] != "spooling" and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert pub.state()["mode"] == "spooling"
+            assert pub.spool.pending > 0
+        finally:
+            kafka.start()
+        assert pub.wait_idle(60), pub.state()
+    finally:
+        pub.close()
+    # Only the events published from the outage on are checked: the embedded tansu+s3rver broker
+    # restarts its offsets at 0 after a restart and overwrites what it held before (s3rver ignores
+    # the conditional writes tansu relies on). That is the broker's loss, not the publisher's; the
+    # server-level test freezes the broker instead (SIGSTOP), which keeps its data.
+    ids = ids[20:]
+    got = Counter(ev["event_id"] for ev in read_topic(stack.kafka, topic, until=set(ids), timeout=30))
+    mine = {i: got[i] for i in ids}
+    assert all(n == 1 for n in mine.values()), {k: v for k, v in mine.items() if v != 1}
+    assert pub.state()["spool_pending"] == 0 and not list((tmp_path / "spool").glob("seg-*"))
