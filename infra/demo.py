@@ -177,6 +177,7 @@ def main(cfg: Config) -> dict:
             report["traffic"] = results["traffic"]
             report["thumbs_up_rate_before"] = results["before"]["thumbs_up_rate"]
         window_end = datetime.now(UTC) + timedelta(minutes=1)
+        report["window"] = {"start": window_start.isoformat(), "end": window_end.isoformat()}
 
         with Stage("ingest (airflow: feedback_ingest)"):
             airflow_dags_test("feedback_ingest", {})
