@@ -278,16 +278,18 @@ def log_config(cfg: Any, extra: dict[str, Any] | None = None) -> None:
     mlflow.log_dict(to_dict(cfg), "config.json")
 
 
-def log_dataset_input(version: str, kind: str, ds, context: str) -> None:  # noqa: ANN001 - datasets.Dataset
-    """Record the dataset version as an MLflow input (name = version, digest = manifest sha256)."""
+def log_dataset_input(version: str, kind: str, split: str, ds, context: str) -> None:  # noqa: ANN001
+    """Record a split of a dataset version as an MLflow input (name kind/split@version, digest from the manifest)."""
     import mlflow
     import pandas as pd
 
     preview = pd.DataFrame({"prompt_id": ds["prompt_id"][:1000]}) if "prompt_id" in ds.column_names else \
         pd.DataFrame({"rows": [len(ds)]})
     data = mlflow.data.from_pandas(preview, source=str(datasets_root() / kind / f"version={version}"),
-                                   name=f"{kind}@{version}", digest=dataset_digest(version))
-    mlflow.log_input(data, context=context, tags={"dataset_version": version, "kind": kind, "rows": str(len(ds))})
+                                   name=f"{kind}/{split}@{version}",
+                                   digest=hashlib.sha256(f"{dataset_digest(version)}/{kind}/{split}".encode()).hexdigest()[:32])
+    mlflow.log_input(data, context=context, tags={"dataset_version": version, "kind": kind, "split": split,
+                                                  "rows": str(len(ds))})
 
 
 class MlflowMetrics(TrainerCallback):

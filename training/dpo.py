@@ -265,9 +265,9 @@ def main(cfg: Config) -> dict[str, Any]:
 
         common.log_config(cfg, {"base_model_path": base_path, "start_adapter": start.label,
                                 "hardware": hw.name, "n_devices": hw.n_devices})
-        common.log_dataset_input(version, "dpo", train, "training")
+        common.log_dataset_input(version, "dpo", "train", train, "training")
         if heldout is not None:
-            common.log_dataset_input(version, "dpo", heldout, "evaluation")
+            common.log_dataset_input(version, "dpo", "eval", heldout, "evaluation")
 
         before = trainer.evaluate() if heldout is not None and cfg.eval_before else {}
         resume = common.last_checkpoint(out / "checkpoints") if cfg.resume == "auto" else None

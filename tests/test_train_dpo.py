@@ -1,0 +1,226 @@
+"""DPO: the weighted loss by hand, weight 0 == absent, a full job against a real MLflow, kill + resume.
+
+Runs on the tiny model (~3M params) and a fabricated dataset in the shared Parquet layout
+(training/synthetic.py): chosen answers are bullet lists, rejected ones prose.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ingest import endpoints
+from ingest.config import load_config
+from training import registry
+from training.weighted_dpo import pair_losses, weighted_dpo_loss, weighted_mean
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIG = REPO / "training" / "configs" / "dpo.yaml"
+
+
+def _sigmoid_loss(z: float) -> float:
+    return math.log1p(math.exp(-z))
+
+
+# --- pure maths ---------------------------------------------------------------------------------
+
+def test_sigmoid_loss_by_hand() -> None:
+    """chosen log-ratio 1, rejected -1, beta 0.5: z = 0.5 * (1 - (-1)) = 1, loss = log(1 + e^-1) = 0.31326."""
+    loss = pair_losses(torch.tensor([1.0]), torch.tensor([-1.0]), beta=0.5)
+    assert loss.item() == pytest.approx(0.313262, abs=1e-6)
+
+
+def test_ipo_loss_by_hand() -> None:
+    """IPO normalises by length: 2/4 - (-2)/2 = 1.5; target 1/(2*0.5) = 1; loss = (1.5 - 1)^2 = 0.25."""
+    loss = pair_losses(torch.tensor([2.0]), torch.tensor([-2.0]), beta=0.5, loss_type="ipo",
+                       chosen_lengths=torch.tensor([4]), rejected_lengths=torch.tensor([2]))
+    assert loss.item() == pytest.approx(0.25)
+
+
+def test_robust_loss_by_hand() -> None:
+    """eps 0.25, z = 1: (0.75 * 0.313262 + 0.25 * log sigma(-1) = -0.25 * 1.313262) / 0.5 = -0.186738."""
+    loss = pair_losses(torch.tensor([1.0]), torch.tensor([-1.0]), beta=0.5, loss_type="robust",
+                       label_smoothing=0.25)
+    assert loss.item() == pytest.approx((0.75 * 0.313262 - 0.25 * 1.313262) / 0.5, abs=1e-6)
+
+
+def test_weighted_mean_by_hand() -> None:
+    """losses [1, 4, 10], weights [1, 3, 0]: (1 + 12 + 0) / 4 = 3.25; all weights scaled by 7: same."""
+    losses = torch.tensor([1.0, 4.0, 10.0])
+    assert weighted_mean(losses, torch.tensor([1.0, 3.0, 0.0])).item() == pytest.approx(3.25)
+    assert weighted_mean(losses, torch.tensor([7.0, 21.0, 0.0])).item() == pytest.approx(3.25)
+    assert weighted_mean(losses, torch.zeros(3)).item() == 0.0
+    with pytest.raises(ValueError, match=">= 0"):
+        weighted_mean(losses, torch.tensor([1.0, -1.0, 0.0]))
+
+
+def test_zero_weight_pair_has_no_value_or_gradient() -> None:
+    """A pair of weight 0 changes neither the batch loss nor any gradient, whatever its log-ratios."""
+    c = torch.tensor([0.3, -0.2, 5.0], requires_grad=True)
+    r = torch.tensor([0.1, 0.4, -9.0], requires_grad=True)
+    loss3 = weighted_dpo_loss(c, r, torch.tensor([1.0, 2.0, 0.0]), beta=0.1)
+    loss3.backward()
+    c2, r2 = c.detach()[:2].clone().requires_grad_(), r.detach()[:2].clone().requires_grad_()
+    loss2 = weighted_dpo_loss(c2, r2, torch.tensor([1.0, 2.0]), beta=0.1)
+    loss2.backward()
+    assert loss3.item() == pytest.approx(loss2.item())
+    assert torch.allclose(c.grad[:2], c2.grad) and torch.allclose(r.grad[:2], r2.grad)
+    assert c.grad[2] == 0 and r.grad[2] == 0
+
+
+# --- the trainer ---------------------------------------------------------------------------------
+
+def _trainer_run(tiny_model: str, rows: list[dict], out: Path) -> dict[str, torch.Tensor]:
+    """A few full-batch steps of WeightedDPOTrainer (no MLflow); returns the trained LoRA tensors."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from training.common import detect_hardware
+    from training.dpo import Config, WeightedDPOTrainer, WeightedPreferenceCollator, _training_args
+
+    cfg = load_config(Config, CONFIG, ["max_steps=2", f"batch_size={len(rows)}", "precision=fp32",
+                                       "save_steps=1000"])
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    trainer = WeightedDPOTrainer(
+        model=model, args=_training_args(cfg, detect_hardware("fp32"), out), train_dataset=Dataset.from_list(rows),
+        processing_class=tok, peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
+        data_collator=WeightedPreferenceCollator(pad_token_id=tok.pad_token_id, max_length=128))
+    trainer.train()
+    return {k: v.detach().clone() for k, v in trainer.model.named_parameters() if "lora_" in k}
+
+
+def test_zero_weight_pair_trains_as_if_absent(tiny_model: str, tmp_path: Path) -> None:
+    """Same pairs with and without an extra weight-0 pair (full batches) -> the same LoRA weights."""
+    from training.synthetic import TOPICS, preference_rows
+
+    raw = preference_rows(6, TOPICS, seed=3, split="train")["dpo"]
+    rows = [{"prompt": json.loads(r["prompt_json"]), "chosen": [{"role": "assistant", "content": r["chosen"]}],
+             "rejected": [{"role": "assistant", "content": r["rejected"]}], "weight": r["weight"]} for r in raw]
+    # The extra pair points the *other* way, so if it leaked into the loss the weights would differ.
+    extra = {**rows[0], "chosen": rows[0]["rejected"], "rejected": rows[0]["chosen"], "weight": 0.0}
+    without = _trainer_run(tiny_model, rows[1:], tmp_path / "a")
+    with_zero = _trainer_run(tiny_model, [*rows[1:], extra], tmp_path / "b")
+    with_one = _trainer_run(tiny_model, [*rows[1:], {**extra, "weight": 1.0}], tmp_path / "c")
+    zero_diff = max((t - with_zero[n]).abs().max().item() for n, t in without.items())
+    one_diff = max((t - with_one[n]).abs().max().item() for n, t in without.items())
+    print(f"max |dW|: weight-0 pair {zero_diff:.2e}, weight-1 pair {one_diff:.2e}")
+    # Float noise only (the padded width differs, and Adam divides tiny gradients by their own size),
+    # while a positive weight on the reversed pair changes the weights for real.
+    assert zero_diff < 1e-4
+    assert one_diff > 100 * max(zero_diff, 1e-6)
+
+
+# --- the job ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def dpo_dataset(stack) -> str:  # noqa: ANN001 - the conftest stack fixture
+    from training.synthetic import write_dataset
+
+    write_dataset(endpoints.var_dir() / "datasets", "dpotest1", n_train=48, n_eval=16, seed=0)
+    return "dpotest1"
+
+
+def _run_job(version: str, out: Path, *overrides: str) -> dict:
+    from training import dpo
+
+    cfg = load_config(dpo.Config, CONFIG, [f"dataset_version={version}", f"output_dir={out}",
+                                           "registry_model=flywheel-test-dpo", *overrides])
+    return dpo.main(cfg)
+
+
+def test_dpo_job_trains_registers_and_continues_from_champion(dpo_dataset: str, tiny_model: str,
+                                                              tmp_path: Path) -> None:
+    base = load_file(str(Path(tiny_model) / "model.safetensors"))
+    result = _run_job(dpo_dataset, tmp_path / "first", "precision=fp32")
+    adapter = Path(result["adapter_dir"])
+    m = result["metrics"]
+
+    # LoRA weights moved (B starts at zero), base weights on disk did not, and the sidecar is complete.
+    lora = load_file(str(adapter / "adapter_model.safetensors"))
+    assert any("lora_B" in k and v.abs().max() > 0 for k, v in lora.items())
+    assert all(torch.equal(v, load_file(str(Path(tiny_model) / "model.safetensors"))[k]) for k, v in base.items())
+    sidecar = json.loads((adapter / registry.SIDECAR).read_text())
+    assert sidecar["base_model"] == "tiny" and sidecar["dataset_version"] == dpo_dataset
+    assert sidecar["trainer"] == "dpo" and len(sidecar["config_hash"]) == 64
+    # Held-out preference rose: the policy now finds the preferred answer likelier on unseen topics.
+    assert m["heldout_policy_pref_acc"] > m["heldout_before_policy_pref_acc"] + 0.3
+    assert m["heldout_rewards_margins"] > 0 and m["heldout_loss"] < math.log(2)
+    # Registered as a new version with alias challenger; MLflow run has metrics, inputs and plots.
+    assert result["start_adapter"] == "base"
+    assert registry.aliases("flywheel-test-dpo")["challenger"] == result["model_version"]
+    run = registry.client().get_run(result["run_id"])
+    assert "heldout_rewards_margins" in run.data.metrics and "tokens_per_s" in run.data.metrics
+    assert run.data.params["base_model"] == "tiny"
+    names = sorted(d.dataset.name for d in run.inputs.dataset_inputs)
+    assert names == [f"dpo/eval@{dpo_dataset}", f"dpo/train@{dpo_dataset}"]
+    arts = [a.path for a in registry.client().list_artifacts(result["run_id"], "plots")]
+    assert "plots/dpo_curves.png" in arts
+
+    # A DAG retry of the finished job changes nothing.
+    assert _run_job(dpo_dataset, tmp_path / "first", "precision=fp32")["model_version"] == result["model_version"]
+
+    # Promote it and train again: continued training from the champion, which is the reference.
+    registry.set_alias("champion", result["model_version"], name="flywheel-test-dpo")
+    second = _run_job(dpo_dataset, tmp_path / "second", "precision=fp32", "max_steps=2")
+    assert second["start_adapter"] == f"flywheel-test-dpo/{result['model_version']}"
+    assert int(second["model_version"]) == int(result["model_version"]) + 1
+    # At the start the policy equals its reference (the champion): margins 0, but the policy already prefers.
+    assert second["metrics"]["heldout_before_rewards_margins"] == pytest.approx(0.0, abs=1e-5)
+    assert second["metrics"]["heldout_before_policy_pref_acc"] == m["heldout_policy_pref_acc"]
+
+
+KILLER = """
+import os, signal, sys
+from ingest.config import parse_config
+from training import common, dpo
+
+class KillAfterCheckpoint(common.MlflowMetrics):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == int(os.environ["KILL_AT_STEP"]):
+            os.kill(os.getpid(), signal.SIGKILL)  # a real kill -9, no cleanup
+
+common.MlflowMetrics = KillAfterCheckpoint
+dpo.main(parse_config(dpo.Config, sys.argv[1:]))
+"""
+
+
+def test_killed_run_resumes_to_the_same_metrics(dpo_dataset: str, tiny_model: str, tmp_path: Path) -> None:
+    """kill -9 after step 6 (checkpoint at 4), re-run -> resumes at 4, ends equal to an unkilled run."""
+    common_args = ["max_steps=9", "save_steps=4", "precision=fp32", "register=false", "eval_before=false"]
+    unkilled = _run_job(dpo_dataset, tmp_path / "unkilled", *common_args)
+
+    killed_dir = tmp_path / "killed"
+    env = {**os.environ, "KILL_AT_STEP": "6", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", KILLER, "--config", str(CONFIG), f"dataset_version={dpo_dataset}",
+                           f"output_dir={killed_dir}", "registry_model=flywheel-test-dpo", *common_args],
+                          env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert (killed_dir / "checkpoints" / "checkpoint-4").is_dir() and not (killed_dir / "result.json").exists()
+    run_id = (killed_dir / "mlflow_run_id").read_text()
+
+    resumed = _run_job(dpo_dataset, killed_dir, *common_args)
+    assert resumed["run_id"] == run_id  # the same MLflow run is re-opened
+    for key in ("train_loss", "final_step_loss", "heldout_loss", "heldout_rewards_margins", "train_steps"):
+        assert resumed["metrics"][key] == pytest.approx(unkilled["metrics"][key], rel=1e-5, abs=1e-6), key
+    a = load_file(str(Path(unkilled["adapter_dir"]) / "adapter_model.safetensors"))
+    b = load_file(str(Path(resumed["adapter_dir"]) / "adapter_model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_dpo_configs_load() -> None:
+    from training.dpo import Config
+
+    for path in sorted((REPO / "training" / "configs").glob("dpo*.yaml")):
+        assert path.read_text().startswith("# python -m training.dpo"), path
+        load_config(Config, path)
