@@ -57,6 +57,8 @@ class Config:
       n_winrate, n_benign, n_harmful, n_sycophancy, n_regression: prompts per set (0 skips the set)
     Generation:
       max_new_tokens, batch_size, temperature (0 = greedy), top_p, seed, dtype
+      threads: torch CPU threads (0 = torch's default). On a shared CPU set 1: with the cores
+        oversubscribed, 2 spinning OpenMP threads made a tiny-model step ~10x slower than 1 thread
     Statistics:
       bootstrap: resamples for confidence intervals; confidence: CI level
     Preference data:
@@ -84,6 +86,7 @@ class Config:
     top_p: float = 0.95
     seed: int = 0
     dtype: Literal["float32", "bfloat16"] = "float32"
+    threads: int = 0
     bootstrap: int = 2000
     confidence: float = 0.95
     dataset_version: str = ""
@@ -117,7 +120,7 @@ def bootstrap_ci(values: Sequence[float], n_boot: int = 2000, confidence: float 
     return float(np.quantile(stats, alpha)), float(np.quantile(stats, 1 - alpha))
 
 
-def lc_win_rate(results: Sequence[float], len_diff: Sequence[float], l2: float = 1e-2, iters: int = 50) -> float:
+def lc_win_rate(results: Sequence[float], len_diff: Sequence[float], l2: float = 1e-3, iters: int = 100) -> float:
     """Length-controlled win rate: fit P(win) = sigmoid(a + b * tanh(d / sd(d))) and report sigmoid(a).
 
     The same idea as AlpacaEval's length-controlled win rate: the intercept is the win rate the
@@ -499,6 +502,10 @@ def main(cfg: Config) -> dict[str, Any]:
     from training import gate, judges, registry
 
     t0 = time.monotonic()
+    if cfg.threads > 0:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     cache = endpoints.var_dir() / "adapters"
     cand, cand_dir = resolve_side(cfg.candidate, cache, allow_missing=False)
     if cand.adapter is None:
