@@ -46,7 +46,10 @@ class Config:
     dpo_config: str = "training/configs/dpo.smollm2.yaml"
     dpo_overrides: str = ""
     eval_overrides: str = ""
-    dataset_overrides: str = ""
+    # SmolLM2 runs past 160 new tokens in ~92% of answers (measured on the held-out prompts); dropping
+    # cut-off answers would leave almost nothing, and DPO still learns the preference from them
+    # because chosen and rejected are cut alike (STACK-NOTES: the same setting gave +27 to +36 points).
+    dataset_overrides: str = "drop_truncated=false"
     serving_config: str = "serving/configs/serve.yaml"
     serving_overrides: list[str] = field(default_factory=list)
     n_users: int = 30
