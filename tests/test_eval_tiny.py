@@ -72,6 +72,22 @@ def train_tiny_adapter(kind: str, tiny_model: str, out: Path, steps: int = 12, l
     return folder
 
 
+DATASET = "evaltest-v1"
+
+
+def write_eval_split(var: Path) -> None:
+    """A held-out DPO split in the shared Parquet layout (chosen = list), fresh prompts (seed 7)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"prompt_id": f"p{i:03d}", "prompt_json": json.dumps(r["prompt"]), "chosen": r["chosen"][0]["content"],
+             "rejected": r["rejected"][0]["content"], "weight": 1.0, "source": "thumbs"}
+            for i, r in enumerate(fabricated_pairs("real", 40, seed=7))]
+    folder = var / "datasets" / "dpo" / f"version={DATASET}" / "split=eval"
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), folder / "part-0.parquet")
+
+
 @pytest.fixture(scope="module")
 def adapters(stack, tiny_model, tmp_path_factory) -> Iterator[dict[str, str]]:
     """kind -> registry URI of the registered adapter version."""
@@ -85,6 +101,7 @@ def adapters(stack, tiny_model, tmp_path_factory) -> Iterator[dict[str, str]]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("eval-adapters")
+    write_eval_split(stack.var)
     mlflow.set_tracking_uri(stack.mlflow)
     mlflow.set_experiment("eval-test-training")
     uris = {}
@@ -115,8 +132,11 @@ def evaluate(candidate: str, **overrides):  # noqa: ANN201
 def test_real_direction_passes_against_base(adapters, capsys):
     from training import registry
 
-    result = evaluate(adapters["real"])
+    result = evaluate(adapters["real"], dataset_version=DATASET, winrate_prompts="auto")
     m = result["metrics"]
+    # Held-out preference accuracy on the dataset's eval split, and its prompts used for the win rate.
+    assert m["pref_accuracy"] > 0.8 and m["pref_margin"] > 0 and m["n_pref_pairs"] == 32, m
+    assert registry.client().get_run(result["run_id"]).data.tags["flywheel.winrate_source"].startswith("dataset")
     assert m["list_rate_candidate"] > m["list_rate_baseline"] + 0.3, m
     assert m["win_rate_ci_low"] > 0.5 and m["lc_win_rate"] > 0.5
     assert result["gate"]["passed"], result["gate"]["lines"]
@@ -133,8 +153,9 @@ def test_real_direction_passes_against_base(adapters, capsys):
 
 
 def test_flipped_labels_are_rejected(adapters):
-    result = evaluate(adapters["flipped"])
+    result = evaluate(adapters["flipped"], dataset_version=DATASET)
     gate = result["gate"]
+    assert result["metrics"]["pref_accuracy"] < 0.2
     assert not gate["passed"]
     assert any(ln.startswith("FAIL win_rate_ci_low") for ln in gate["lines"]), gate["lines"]
     m = result["metrics"]

@@ -317,11 +317,13 @@ class Policies:
                          for c in completions[i:i + batch_size]]
                 seqs = [p + c for p, c in zip(p_ids, c_ids, strict=True)]
                 logits, width = self._batch_logits(model, seqs)
-                logp = torch.log_softmax(logits[:, :-1], -1)
+                # log p(token) = logit - logsumexp(logits): no second [batch, length, vocab] tensor
                 for r, (s, c) in enumerate(zip(seqs, c_ids, strict=True)):
                     start = width - len(c)  # positions of the completion tokens in the padded row
+                    rows = logits[r, start - 1:width - 1]
                     tgt = torch.tensor(s[-len(c):])
-                    out.append(logp[r, start - 1:width - 1].gather(-1, tgt[:, None]).sum().item())
+                    lp = rows.gather(-1, tgt[:, None])[:, 0] - torch.logsumexp(rows, -1)
+                    out.append(lp.sum().item())
         return np.array(out)
 
     def kl_to_base(self, adapter: str, prompts: list[Messages], answers: list[dict], batch_size: int) -> list[float]:
@@ -335,14 +337,20 @@ class Policies:
                     ids = a["ids"] + ([] if a["truncated"] else [self.eos])
                     seqs.append(self._prompt_ids(m) + ids)
                     n_gen.append(len(ids))
+                # Only the positions that predict answer tokens: SmolLM2's 49k vocab makes full-length
+                # [batch, length, vocab] float tensors the memory peak of the suite.
+                span = max(n_gen) + 1
                 with self.use(adapter) as model:
                     lc, width = self._batch_logits(model, seqs)
+                    lpc = torch.log_softmax(lc[:, -span:-1], -1)
+                    del lc
                 with self.use(None) as model:
                     lb, _ = self._batch_logits(model, seqs)
-                lpc, lpb = torch.log_softmax(lc, -1), torch.log_softmax(lb, -1)
-                kl = (lpc.exp() * (lpc - lpb)).sum(-1)  # [batch, positions]
+                    lpb = torch.log_softmax(lb[:, -span:-1], -1)
+                    del lb
+                kl = (lpc.exp() * (lpc - lpb)).sum(-1)  # [batch, span - 1]; column j predicts token j+1 of the span
                 for r, n in enumerate(n_gen):
-                    per_answer.append(kl[r, width - 1 - n:width - 1].mean().item() if n else 0.0)
+                    per_answer.append(kl[r, span - 1 - n:].mean().item() if n else 0.0)
         return per_answer
 
 
@@ -461,7 +469,9 @@ def write_chart(m: dict[str, float], path: Path, cand: str, base: str) -> None:
     ax.set_xticks(x, [r[0] for r in rows], rotation=20, ha="right")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
-    ax.set_title("candidate vs baseline")
+    extra = [f"length drift {m['length_drift']:+.0%}" if "length_drift" in m else "",
+             f"KL {m['kl_per_token']:.3f} nats/token" if "kl_per_token" in m else ""]
+    ax.set_title("candidate vs baseline   " + ", ".join(e for e in extra if e))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
