@@ -85,11 +85,12 @@ def _trainer_run(tiny_model: str, rows: list[dict], out: Path) -> dict[str, torc
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from training.common import detect_hardware
+    from training.common import detect_hardware, set_threads
     from training.dpo import Config, WeightedDPOTrainer, WeightedPreferenceCollator, _training_args
 
     cfg = load_config(Config, CONFIG, ["max_steps=2", f"batch_size={len(rows)}", "precision=fp32",
                                        "save_steps=1000"])
+    set_threads(cfg.threads)
     tok = AutoTokenizer.from_pretrained(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     trainer = WeightedDPOTrainer(
@@ -127,8 +128,8 @@ def test_zero_weight_pair_trains_as_if_absent(tiny_model: str, tmp_path: Path) -
 def dpo_dataset(stack) -> str:  # noqa: ANN001 - the conftest stack fixture
     from training.synthetic import write_dataset
 
-    write_dataset(endpoints.var_dir() / "datasets", "dpotest1", n_train=48, n_eval=16, seed=0)
-    return "dpotest1"
+    write_dataset(endpoints.var_dir() / "datasets", "ds-test-dpo1", n_train=32, n_eval=12, seed=0)
+    return "ds-test-dpo1"
 
 
 def _run_job(version: str, out: Path, *overrides: str) -> dict:
@@ -196,17 +197,17 @@ dpo.main(parse_config(dpo.Config, sys.argv[1:]))
 
 
 def test_killed_run_resumes_to_the_same_metrics(dpo_dataset: str, tiny_model: str, tmp_path: Path) -> None:
-    """kill -9 after step 6 (checkpoint at 4), re-run -> resumes at 4, ends equal to an unkilled run."""
-    common_args = ["max_steps=9", "save_steps=4", "precision=fp32", "register=false", "eval_before=false"]
+    """kill -9 after step 5 (checkpoint at 3), re-run -> resumes at 3, ends equal to an unkilled run."""
+    common_args = ["max_steps=6", "save_steps=3", "precision=fp32", "register=false", "eval_before=false"]
     unkilled = _run_job(dpo_dataset, tmp_path / "unkilled", *common_args)
 
     killed_dir = tmp_path / "killed"
-    env = {**os.environ, "KILL_AT_STEP": "6", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "KILL_AT_STEP": "5", "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-c", KILLER, "--config", str(CONFIG), f"dataset_version={dpo_dataset}",
                            f"output_dir={killed_dir}", "registry_model=flywheel-test-dpo", *common_args],
                           env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
-    assert (killed_dir / "checkpoints" / "checkpoint-4").is_dir() and not (killed_dir / "result.json").exists()
+    assert (killed_dir / "checkpoints" / "checkpoint-3").is_dir() and not (killed_dir / "result.json").exists()
     run_id = (killed_dir / "mlflow_run_id").read_text()
 
     resumed = _run_job(dpo_dataset, killed_dir, *common_args)

@@ -49,7 +49,8 @@ class Config:
     Objective:     loss_type (sigmoid | ipo | robust), beta, label_smoothing (robust: assumed label-flip rate)
     Optimisation:  learning_rate, epochs, max_steps (overrides epochs when > 0), batch_size, grad_accum,
                    max_length, warmup_ratio, lr_scheduler, seed
-    Speed:         precision (auto | bf16 | fp16 | fp32), precompute_ref, gradient_checkpointing, logging_steps
+    Speed:         precision (auto | bf16 | fp16 | fp32), threads (CPU threads, 0 = default), precompute_ref,
+                   gradient_checkpointing, logging_steps
     Checkpoints:   output_dir ("" = var/runs/dpo/<version>-<config hash>), save_steps, resume (auto | never),
                    force (retrain even if output_dir holds a finished result)
     Tracking:      experiment, run_name, registry_model, registry_alias, register, eval_before
@@ -74,6 +75,7 @@ class Config:
     lr_scheduler: str = "linear"
     seed: int = 0
     precision: str = "auto"
+    threads: int = 0
     precompute_ref: bool = True
     gradient_checkpointing: bool = False
     logging_steps: int = 1
@@ -247,6 +249,7 @@ def main(cfg: Config) -> dict[str, Any]:
         train = train.map(lambda _: {"weight": 1.0})
     heldout = common.load_preferences(version, "dpo", "eval")
 
+    common.set_threads(cfg.threads)
     hw = common.detect_hardware(cfg.precision)
     base_path = endpoints.model_path(cfg.base_model)
     start = common.resolve_start(cfg.init_from, cfg.registry_model, cfg.base_model, out / "start")

@@ -41,7 +41,7 @@ class Config:
     Model:         backbone (minilm | policy), base_model (the policy base for backbone=policy: tiny | smollm2 | path)
     Optimisation:  learning_rate, epochs, max_steps (> 0 overrides epochs), batch_size, max_length, seed,
                    center_rewards (coefficient pushing mean reward to 0; keeps scores comparable across versions)
-    Speed:         precision (auto | bf16 | fp16 | fp32)
+    Speed:         precision (auto | bf16 | fp16 | fp32), threads (CPU threads, 0 = default)
     Output:        output_dir ("" = var/runs/reward_model/<version>-<hash>), force
     Tracking:      experiment, run_name, registry_model, registry_alias, champion_min_accuracy, register
     """
@@ -57,6 +57,7 @@ class Config:
     seed: int = 0
     center_rewards: float = 0.01
     precision: str = "auto"
+    threads: int = 0
     output_dir: str = ""
     force: bool = False
     experiment: str = "flywheel-training"
@@ -137,6 +138,7 @@ def main(cfg: Config) -> dict[str, Any]:
     if train is None:
         raise ValueError(f"dataset {version} has no dpo/train pairs to train a reward model on")
     train = train.filter(lambda r: r["weight"] > 0)
+    common.set_threads(cfg.threads)
     hw = common.detect_hardware(cfg.precision)
     model, tokenizer, backbone_path, input_format = _load_backbone(cfg)
     train_tok = tokenize_pairs(train, tokenizer, input_format, cfg.max_length)

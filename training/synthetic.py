@@ -81,7 +81,9 @@ def write_rows(root: Path, version: str, kind: str, split: str, rows: list[dict]
 
 def write_dataset(root: Path, version: str, n_train: int = 48, n_eval: int = 16, seed: int = 0,
                   kinds: tuple[str, ...] = ("dpo", "kto", "sft")) -> dict:
-    """Write a full dataset version under `root` (= var/datasets); held-out prompts use unseen topics."""
+    """Write a dataset version under `root` (= var/datasets); held-out prompts use unseen topics.
+
+    Name versions `ds-...` like ingest does, so `ingest.reader.latest_version` sees them."""
     train_topics, eval_topics = TOPICS[:20], TOPICS[20:]
     splits = {"train": preference_rows(n_train, train_topics, seed, "train"),
               "eval": preference_rows(n_eval, eval_topics, seed + 1, "eval")}
@@ -92,7 +94,10 @@ def write_dataset(root: Path, version: str, n_train: int = 48, n_eval: int = 16,
             write_rows(root, version, kind, split, by_kind[kind])
             counts.setdefault(kind, {})[split] = len(by_kind[kind])
             digest.update(json.dumps(by_kind[kind], sort_keys=True).encode())
-    manifest = {"version": version, "rows": counts, "filters": {}, "sha256": digest.hexdigest(),
+    for kind in ("dpo", "kto", "sft"):
+        counts.setdefault(kind, {"train": 0, "eval": 0})
+    manifest = {"version": version, "counts": counts, "rows": sum(sum(c.values()) for c in counts.values()),
+                "filters": {}, "sha256": digest.hexdigest(), "trainable": True,
                 "source_window": {"synthetic": True, "seed": seed}, "created_at": datetime.now(UTC).isoformat()}
     (root / "manifests").mkdir(parents=True, exist_ok=True)
     (root / "manifests" / f"{version}.json").write_text(json.dumps(manifest, indent=2))
