@@ -36,3 +36,11 @@ def test_ppo_raises_reward_within_kl_budget(stack, tiny_model: str, tmp_path: Pa
     assert "plots/ppo_curves.png" in [a.path for a in registry.client().list_artifacts(result["run_id"], "plots")]
     assert registry.aliases("flywheel-test-ppo")["challenger"] == result["model_version"]
     assert registry.read_sidecar(result["adapter_dir"])["trainer"] == "ppo"
+
+
+def test_ppo_configs_load() -> None:
+    from training.ppo import Config
+
+    for path in sorted((REPO / "training" / "configs").glob("ppo*.yaml")):
+        assert path.read_text().startswith("# python -m training.ppo"), path
+        load_config(Config, path)
