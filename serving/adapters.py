@@ -83,7 +83,8 @@ def _check_base(folder: Path, base_model: str) -> None:
 class AdapterRouter:
     def __init__(self, backend: AdapterBackend, base_model: str, model_name: str, adapters_dir: Path,
                  champion_alias: str = "champion", challenger_alias: str = "challenger",
-                 challenger_share: float = 0.0, max_loaded: int = 4, name_fn=None):  # noqa: ANN001
+                 challenger_share: float = 0.0, max_loaded: int = 4, prefetch: bool = True,
+                 name_fn=None):  # noqa: ANN001
         from serving.engine import adapter_name
 
         self.backend = backend
@@ -94,6 +95,8 @@ class AdapterRouter:
         self.challenger_alias = challenger_alias
         self.challenger_share = challenger_share
         self.max_loaded = max_loaded
+        self.prefetch = prefetch
+        self._challenger_version: str | None = None
         self.name_fn = name_fn or adapter_name
         self.routes = Routes()
         self.loaded: dict[str, Served] = {}  # backend name -> Served
@@ -119,15 +122,27 @@ class AdapterRouter:
             self.loaded[name] = served
             return served
 
+    def _try_load(self, ref: registry.AdapterRef) -> Served | None:
+        try:
+            return self.ensure_loaded(ref)
+        except Exception as e:  # noqa: BLE001 - a broken challenger must not stop champion updates
+            self.last_error = f"challenger {ref.label}: {type(e).__name__}: {e}"
+            log.warning("cannot load challenger %s: %s", ref.label, e)
+            return None
+
     def refresh(self) -> Routes:
         """Resolve the aliases once and switch the routes if they moved (also called by the poller)."""
         t0 = time.perf_counter()
         old = self.routes
         champion = registry.resolve(self.champion_alias, name=self.model_name)
-        challenger = (registry.resolve(self.challenger_alias, name=self.model_name)
-                      if self.challenger_share > 0 else None)
-        new = Routes(champion=self.ensure_loaded(champion) if champion else None,
-                     challenger=self.ensure_loaded(challenger) if challenger else None)
+        challenger = registry.resolve(self.challenger_alias, name=self.model_name) if self.prefetch or \
+            self.challenger_share > 0 else None
+        new_champion = self.ensure_loaded(champion) if champion else None
+        # The challenger is loaded even when it gets no traffic: it is the next champion, and a
+        # promotion then only swaps the routing table (no download or load on the critical path).
+        new_challenger = self._try_load(challenger) if challenger else None
+        self._challenger_version = challenger.version if challenger else None
+        new = Routes(champion=new_champion, challenger=new_challenger if self.challenger_share > 0 else None)
         if new != old:
             self.routes = new  # one assignment: requests see the old table or the new one, never a mix
             self.switches.append({"at": time.time(), "seconds": time.perf_counter() - t0,
@@ -141,6 +156,8 @@ class AdapterRouter:
     def _gc(self) -> None:
         """Unload adapters that nothing routes to and no request holds, beyond `max_loaded`."""
         routed = {s.name for s in (self.routes.champion, self.routes.challenger) if s}
+        if self.prefetch:  # keep the prefetched challenger too
+            routed |= {n for n, s in self.loaded.items() if s.ref.version == self._challenger_version}
         with self._lock:
             idle = [n for n in self.loaded if n not in routed and self._refs.get(n, 0) == 0]
         for name in idle[: max(0, len(self.loaded) - self.max_loaded)]:

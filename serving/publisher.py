@@ -15,9 +15,11 @@ Modes:
             then returns to direct mode.
 
 A fresh producer per connection, because an idempotent producer whose batches expired keeps
-sequence numbers the broker no longer expects. Exactly once per event id holds as long as the
-broker does not die between writing a record and acknowledging it (then the producer cannot know,
-and the record is replayed); ingest dedups by event_id for that case.
+sequence numbers the broker no longer expects. A record whose send failed after it was handed to
+the broker is *in doubt*: the broker may have written it without the acknowledgement arriving (a
+frozen broker processes its socket backlog when it resumes). Before a replay, the publisher reads
+each partition after the last offset it saw acknowledged and drops in-doubt records whose event
+id is already there, so each event lands once. Ingest still dedups by event_id, as a second net.
 """
 
 from __future__ import annotations
@@ -40,14 +42,24 @@ class Record:
     topic: str
     key: str
     value: bytes
+    in_doubt: bool = False  # handed to the broker, outcome unknown (it may have landed)
 
     def line(self) -> str:
-        return json.dumps({"t": self.topic, "k": self.key, "v": self.value.decode("utf-8")}) + "\n"
+        d = {"t": self.topic, "k": self.key, "v": self.value.decode("utf-8")}
+        if self.in_doubt:
+            d["d"] = 1
+        return json.dumps(d) + "\n"
 
     @staticmethod
     def from_line(line: str) -> Record:
         d = json.loads(line)
-        return Record(d["t"], d["k"], d["v"].encode("utf-8"))
+        return Record(d["t"], d["k"], d["v"].encode("utf-8"), bool(d.get("d")))
+
+    def event_id(self) -> str | None:
+        try:
+            return json.loads(self.value).get("event_id")
+        except (ValueError, AttributeError):
+            return None
 
 
 class Spool:
@@ -121,11 +133,14 @@ class EventPublisher:
         self._mode = "spooling"  # until the first producer connects
         self._failed = threading.Event()  # set by an errback: leave direct mode
         self._stop = threading.Event()
-        self._in_flight = 0
+        self._pending: dict[int, Record] = {}  # handed to the producer, not yet acknowledged
+        self._serial = 0
         self._lock = threading.Lock()
         self._last_probe = 0.0
         self.last_error: str | None = None
-        self.counts = {"published": 0, "sent": 0, "spooled": 0, "replayed": 0, "overflow": 0}
+        self.counts = {"published": 0, "sent": 0, "spooled": 0, "replayed": 0, "overflow": 0,
+                       "already_landed": 0}
+        self._acked: dict[tuple[str, int], int] = {}  # (topic, partition) -> highest acknowledged offset
         self._thread = threading.Thread(target=self._run, name="serving-publisher", daemon=True)
         self._thread.start()
 
@@ -144,13 +159,13 @@ class EventPublisher:
             self._to_spool([rec])
 
     def state(self) -> dict:
-        return {"mode": self._mode, "queue": self._queue.qsize(), "in_flight": self._in_flight,
+        return {"mode": self._mode, "queue": self._queue.qsize(), "in_flight": len(self._pending),
                 "spool_pending": self.spool.pending, "spool_dir": str(self.spool.folder),
                 "last_error": self.last_error, **self.counts}
 
     def idle(self) -> bool:
         """True when every published record has been acknowledged by the broker."""
-        return (self._mode == "direct" and self._queue.empty() and self._in_flight == 0
+        return (self._mode == "direct" and self._queue.empty() and not self._pending
                 and self.spool.pending == 0)
 
     def wait_idle(self, timeout: float) -> bool:
@@ -190,19 +205,24 @@ class EventPublisher:
 
     def _send(self, rec: Record) -> None:
         with self._lock:
-            self._in_flight += 1
+            self._serial += 1
+            serial = self._serial
+            self._pending[serial] = rec
 
-        def ok(_md) -> None:  # noqa: ANN001
+        def ok(md) -> None:  # noqa: ANN001
             with self._lock:
-                self._in_flight -= 1
+                if self._pending.pop(serial, None) is None:
+                    return  # already given up on (spooled as in doubt)
                 self.counts["sent"] += 1
+                self._note_ack(md)
 
         def failed(exc) -> None:  # noqa: ANN001
             self.last_error = f"{type(exc).__name__}: {exc}"
             self._failed.set()
-            self._to_spool([rec])
             with self._lock:
-                self._in_flight -= 1
+                if self._pending.pop(serial, None) is None:
+                    return
+            self._to_spool([Record(rec.topic, rec.key, rec.value, in_doubt=True)])
 
         try:
             fut = self._producer.send(rec.topic, key=rec.key.encode("utf-8"), value=rec.value)
@@ -212,15 +232,50 @@ class EventPublisher:
         fut.add_callback(ok)
         fut.add_errback(failed)
 
+    def _note_ack(self, md) -> None:  # noqa: ANN001 - kafka RecordMetadata
+        tp = (md.topic, md.partition)
+        if md.offset > self._acked.get(tp, -1):
+            self._acked[tp] = md.offset
+
+    def _landed_ids(self, topics: set[str], quiet_s: float = 1.0, max_s: float = 15.0) -> set[str]:
+        """Event ids written to `topics` after the last offsets we saw acknowledged."""
+        from kafka import KafkaConsumer, TopicPartition
+
+        consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, enable_auto_commit=False,
+                                 auto_offset_reset="earliest", request_timeout_ms=10_000)
+        try:
+            parts = [TopicPartition(t, p) for t in sorted(topics) for p in sorted(consumer.partitions_for_topic(t) or [])]
+            consumer.assign(parts)
+            for tp in parts:
+                last = self._acked.get((tp.topic, tp.partition))
+                consumer.seek(tp, last + 1) if last is not None else consumer.seek_to_beginning(tp)
+            found: set[str] = set()
+            start = last_new = time.monotonic()
+            while time.monotonic() - last_new < quiet_s and time.monotonic() - start < max_s:
+                for records in consumer.poll(timeout_ms=200).values():
+                    for r in records:
+                        with contextlib.suppress(ValueError, AttributeError):
+                            found.add(json.loads(r.value).get("event_id"))
+                        last_new = time.monotonic()
+            return found
+        finally:
+            consumer.close()
+
     def _drop_producer(self) -> None:
         producer, self._producer = self._producer, None
         if producer is not None:
             # close(timeout=0) aborts unsent batches; their errbacks spool them.
             with contextlib.suppress(Exception):
                 producer.close(timeout=0)
-        deadline = time.monotonic() + 5
-        while self._in_flight and time.monotonic() < deadline:
+        deadline = time.monotonic() + 2
+        while self._pending and time.monotonic() < deadline:
             time.sleep(0.01)
+        # kafka-python does not always resolve the futures of requests already on the wire when it
+        # is closed; such records are in doubt, and the replay checks whether they landed.
+        with self._lock:
+            stranded, self._pending = list(self._pending.values()), {}
+        if stranded:
+            self._to_spool([Record(r.topic, r.key, r.value, in_doubt=True) for r in stranded])
 
     def _run(self) -> None:
         while True:
@@ -280,6 +335,18 @@ class EventPublisher:
         """Send every sealed segment in order; False as soon as one record fails."""
         for seg in self.spool.seal():
             records = self.spool.read(seg)
+            doubtful = [r for r in records if r.in_doubt]
+            if doubtful:
+                try:
+                    landed = self._landed_ids({r.topic for r in doubtful})
+                except Exception as e:  # noqa: BLE001 - cannot check yet: retry the whole replay later
+                    self.last_error = f"checking in-doubt records: {type(e).__name__}: {e}"
+                    return False
+                kept = [r for r in records if not (r.in_doubt and r.event_id() in landed)]
+                with self._lock:
+                    self.counts["already_landed"] += len(records) - len(kept)
+                self.spool.done(seg, len(records) - len(kept), kept)
+                records = [Record(r.topic, r.key, r.value) for r in kept]
             futures = []
             for rec in records:
                 try:
@@ -292,8 +359,11 @@ class EventPublisher:
             remaining = []
             for rec, fut in zip(records, futures, strict=True):
                 ok = fut is not None and fut.is_done and fut.succeeded()
-                if not ok:
-                    remaining.append(rec)
+                if ok:
+                    with self._lock:
+                        self._note_ack(fut.value)
+                else:
+                    remaining.append(Record(rec.topic, rec.key, rec.value, in_doubt=fut is not None))
             sent = len(records) - len(remaining)
             self.spool.done(seg, sent, remaining)
             with self._lock:

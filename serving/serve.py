@@ -43,6 +43,7 @@ class RegistryConfig:
     poll_interval_s: float = 2.0
     adapters_dir: str = ""  # "" = <var>/serving/adapters
     max_loaded: int = 4
+    prefetch_challenger: bool = True  # load @challenger ahead of its promotion, even at share 0
     enabled: bool = True  # false: never ask MLflow, serve the base only
 
 
@@ -163,7 +164,8 @@ def build(cfg: Config):  # noqa: ANN201 - returns serving.app.Service
                            adapters_dir=Path(cfg.registry.adapters_dir or var / "adapters"),
                            champion_alias=cfg.registry.champion_alias,
                            challenger_alias=cfg.registry.challenger_alias,
-                           challenger_share=cfg.registry.challenger_share, max_loaded=cfg.registry.max_loaded)
+                           challenger_share=cfg.registry.challenger_share, max_loaded=cfg.registry.max_loaded,
+                           prefetch=cfg.registry.prefetch_challenger)
     publisher = EventPublisher(cfg.events.bootstrap or endpoints.kafka_bootstrap(),
                                cfg.events.spool_dir or var / "spool", queue_size=cfg.events.queue_size,
                                compression=cfg.events.compression,
