@@ -36,6 +36,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -556,8 +557,10 @@ def log_to_mlflow(manifest: dict, ds_root: Path, experiment: str) -> str | None:
             for split, n in splits.items():
                 mlflow.log_metric(f"rows.{kind}.{split}", n)
                 path = ds_root / kind / f"version={version}" / f"split={split}"
-                ds = MetaDataset(resolve_dataset_source(str(path)), name=f"{kind}-{split}-{version}",
-                                 digest=manifest["sha256"][:16])
+                with warnings.catch_warnings():  # "can be interpreted in multiple ways": both are local files
+                    warnings.simplefilter("ignore", UserWarning)
+                    source = resolve_dataset_source(str(path))
+                ds = MetaDataset(source, name=f"{kind}-{split}-{version}", digest=manifest["sha256"][:16])
                 mlflow.log_input(ds, context="training" if split == "train" else "eval")
         mlflow.log_dict(manifest, f"manifests/{version}.json")
         return run.info.run_id

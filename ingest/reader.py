@@ -107,4 +107,5 @@ def load(version: str, kind: str = "dpo", split: str = "train", root: str | Path
         features["completion"] = List(message)
         if kind == "kto":
             features["label"] = Value("bool")
-    return Dataset.from_list(rows, features=Features(features))
+    # from_dict (not from_list): an empty split must still carry its columns
+    return Dataset.from_dict({k: [r[k] for r in rows] for k in features}, features=Features(features))

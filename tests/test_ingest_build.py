@@ -1,0 +1,192 @@
+"""The Spark dataset builder end to end on a real local Spark (one session for the module):
+hand-built pairs appear, PII canaries vanish, the planted adversary is flagged, train/eval never share
+a prompt, the same window gives the same version and bytes, a new event gives a new version, an empty
+window is not trainable, and the version is logged to a real MLflow server."""
+
+from __future__ import annotations
+
+import functools
+import json
+from datetime import timedelta
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from ingest import reader, synthetic
+from ingest.build_dataset import Config, build, main, spark_session
+
+T0 = synthetic.BASE_TIME
+WINDOW = {"start": "2026-11-23T10:00:00Z", "end": "2026-11-23T11:00:00Z"}
+ADVERSARY = "u0007"
+CANARIES = ["canary.7731@example.org", "+1 415-555-0134", "4111 1111 1111 1111", "sk-CANARYabcdef0123456789",
+            "Zelda Canaryfield"]
+
+
+def _response(rid: str, user: str, conv: str, prompt: str, text: str, minute: int, regenerates: str | None = None):
+    return {"event_id": f"e-{rid}", "created_at": T0 + timedelta(minutes=minute), "user_id": user,
+            "conversation_id": conv, "response_id": rid, "adapter_version": None,
+            "prompt_json": json.dumps([{"role": "user", "content": prompt}]), "completion": text,
+            "finish_reason": "stop", "base_model": "tiny", "ab_arm": "base", "temperature": 0.7, "top_p": 0.95,
+            "max_tokens": 64, "seed": None, "completion_logprob": -3.0, "prompt_tokens": 5, "completion_tokens": 9,
+            "latency_ms": 12.0, "regenerates": regenerates}
+
+
+def _feedback(eid: str, rid: str, user: str, kind: str, minute: int, **extra):
+    row = {"event_id": eid, "created_at": T0 + timedelta(minutes=minute), "user_id": user, "conversation_id": "x",
+           "response_id": rid, "adapter_version": None, "kind": kind, "edited_text": None, "dwell_seconds": None,
+           "comment": None}
+    return row | extra
+
+
+HAND_PROMPT = "How should I pack for a hiking trip?"
+
+
+def hand_built():
+    """Expected (written out below): h2 > h1 (regenerate), h2 > h3 (thumbs), edit > h4 (+ SFT edit)."""
+    responses = [
+        _response("h1", "hA", "hc1", HAND_PROMPT, "Just bring whatever you like.", 1),
+        _response("h2", "hA", "hc1", HAND_PROMPT, "- water\n- map\n- jacket", 2, regenerates="h1"),
+        _response("h3", "hB", "hc2", HAND_PROMPT, "Pack light and go.", 3),
+        _response("h4", "hC", "hc3", HAND_PROMPT, "Bring a suitcase.", 4),
+        # canaries: in a prompt, an answer and an edit
+        _response("p1", "hD", "pc1", "Hi, my name is Zelda Canaryfield, mail canary.7731@example.org", "ok", 5),
+        _response("p2", "hD", "pc1", "what is my card?", "Your card 4111 1111 1111 1111, key sk-CANARYabcdef0123456789", 6),
+    ]
+    feedback = [
+        _feedback("hf1", "h2", "hA", "thumbs_up", 3),
+        _feedback("hf2", "h3", "hB", "thumbs_down", 4),
+        _feedback("hf3", "h4", "hC", "edit", 5, edited_text="- boots\n- water\n- map"),
+        _feedback("pf1", "p1", "hD", "thumbs_up", 6),
+        _feedback("pf2", "p2", "hD", "edit", 7, edited_text="call +1 415-555-0134"),
+    ]
+    return responses, feedback
+
+
+def expected_hand_rows() -> set[tuple]:
+    return {("dpo", "- water\n- map\n- jacket", "Just bring whatever you like.", "regenerate", 1.0),
+            ("dpo", "- water\n- map\n- jacket", "Pack light and go.", "thumbs", 1.0),
+            ("dpo", "- boots\n- water\n- map", "Bring a suitcase.", "edit", 1.0)}
+
+
+@functools.cache
+def traffic() -> tuple[list[dict], list[dict]]:
+    return synthetic.generate(800, n_users=20, n_prompts=30, adversaries=(ADVERSARY,), seed=3)
+
+
+@pytest.fixture(scope="module")
+def spark():
+    session = spark_session(shuffle_partitions=2)
+    yield session
+    session.stop()
+
+
+@pytest.fixture(scope="module")
+def landed(tmp_path_factory):
+    """Synthetic traffic (20 users, one adversary) + the hand-built sequence, some events landed twice."""
+    root = tmp_path_factory.mktemp("ingest-build")
+    r, f = traffic()
+    hr, hf = hand_built()
+    synthetic.land_rows(r + hr, f + hf, root / "landing")
+    # at-least-once landing: a replayed batch lands the first 50 feedback events again, under other offsets
+    synthetic.land_rows([], [x | {"_offset": 10_000 + i} for i, x in enumerate(f[:50])], root / "landing")
+    return root
+
+
+def _cfg(root: Path, **kw) -> Config:
+    base = {"landing_dir": str(root / "landing"), "datasets_dir": str(root / "datasets"), "mlflow_log": False,
+            "shuffle_partitions": 2}
+    return Config(**(WINDOW | base | kw))
+
+
+def _all_rows(root: Path, version: str) -> dict[str, list[dict]]:
+    return {f"{k}/{s}": reader.load_rows(version, k, s, root / "datasets") for k in reader.KINDS for s in reader.SPLITS}
+
+
+@pytest.fixture(scope="module")
+def built(spark, landed):
+    return build(_cfg(landed), spark)
+
+
+def test_build_rows_filters_and_privacy(built, landed):
+    m = reader.manifest(built["version"], landed / "datasets")
+    assert built["trainable"] and m["trainable"]
+    rows = _all_rows(landed, built["version"])
+    dpo = {("dpo", r["chosen"], r["rejected"], r["source"], r["weight"]) for k in ("dpo/train", "dpo/eval")
+           for r in rows[k]}
+    assert expected_hand_rows() <= dpo
+    sft = {r["completion"] for k in ("sft/train", "sft/eval") for r in rows[k]}
+    assert "- boots\n- water\n- map" in sft
+
+    # PII canaries never reach a dataset file (any column, any kind) and are counted
+    text = json.dumps(rows)
+    for canary in CANARIES:
+        assert canary not in text
+    for f in (landed / "datasets").rglob("*.parquet"):
+        table = pq.read_table(f)
+        assert not any(c in json.dumps(table.to_pylist()) for c in CANARIES), f
+    assert all(m["pii"][k] >= 1 for k in ("email", "phone", "card", "secret", "name")), m["pii"]
+
+    # the adversary is flagged and none of its signals survive
+    assert built["flagged_users"] == [ADVERSARY] and ADVERSARY in m["poisoning"]["flagged_users"]
+    assert m["filters"]["poisoned_rows"] > 0
+
+    # dedupe by event_id: the replayed feedback does not count twice
+    assert m["source_window"]["events"]["feedback"] == len(traffic()[1]) + len(hand_built()[1])
+    # no prompt in both splits; counts match the files
+    for kind in reader.KINDS:
+        train = {r["prompt_id"] for r in rows[f"{kind}/train"]}
+        evals = {r["prompt_id"] for r in rows[f"{kind}/eval"]}
+        assert not train & evals
+        assert m["counts"][kind] == {"train": len(rows[f"{kind}/train"]), "eval": len(rows[f"{kind}/eval"])}
+    assert set(m["filters"]) >= {"exact_duplicates", "near_duplicates", "user_cap", "poisoned_rows"}
+
+    ds = reader.load(built["version"], "dpo", "train", landed / "datasets")
+    assert ds.column_names == ["prompt_id", "prompt", "weight", "chosen", "rejected"]
+    assert ds[0]["prompt"][-1]["role"] == "user" and ds[0]["chosen"][0]["role"] == "assistant"
+
+
+def test_same_window_same_version_new_event_new_version(spark, built, landed):
+    files = sorted((landed / "datasets").rglob("*"))
+    before = {f: (f.stat().st_mtime_ns, f.read_bytes() if f.is_file() else b"") for f in files}
+    again = build(_cfg(landed), spark)
+    assert again["version"] == built["version"] and again["reused"]
+    after = sorted((landed / "datasets").rglob("*"))
+    assert after == files and all((f.stat().st_mtime_ns, f.read_bytes() if f.is_file() else b"") == before[f]
+                                  for f in files)  # touched nothing
+
+    # a rebuild into a fresh folder gives the very same bytes
+    fresh = build(_cfg(landed, datasets_dir=str(landed / "datasets2")), spark)
+    assert fresh["version"] == built["version"]
+    m = reader.manifest(built["version"], landed / "datasets")
+    for rel, _digest in m["files"].items():
+        assert (landed / "datasets2" / rel).read_bytes() == (landed / "datasets" / rel).read_bytes(), rel
+
+    # one new event in the window -> a new version
+    synthetic.land_rows([], [_feedback("new-1", "h1", "hZ", "thumbs_up", 30)], landed / "landing")
+    newer = build(_cfg(landed), spark)
+    assert newer["version"] != built["version"] and not newer["reused"]
+
+
+def test_empty_window_not_trainable_and_logged_to_mlflow(spark, landed, stack, capsys):
+    cfg = _cfg(landed, start="2026-11-20", end="2026-11-20T06:00:00Z", mlflow_log=True)
+    import ingest.build_dataset as bd
+
+    real = bd.build
+    bd_build = lambda c: real(c, spark)  # noqa: E731 - reuse the module's warm session inside main()
+    bd.build = bd_build
+    try:
+        main(cfg)
+    finally:
+        bd.build = real
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["trainable"] is False and all(v == {"train": 0, "eval": 0} for v in last["counts"].values())
+    assert reader.load(last["version"], "kto", "eval", landed / "datasets").num_rows == 0
+
+    import mlflow
+
+    run = mlflow.get_run(last["mlflow_run_id"])
+    assert run.data.tags["dataset_version"] == last["version"]
+    assert len(run.inputs.dataset_inputs) == 6
+    # logged once: a second build of the window finds the same run
+    assert real(cfg, spark)["mlflow_run_id"] == last["mlflow_run_id"]
