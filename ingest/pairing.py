@@ -15,7 +15,7 @@ Rules (all values configurable through `PairingConfig`, defaults in brackets):
    down. Source "regenerate", weight `w_regenerate` [1.0] + implicit(kept) - implicit(regenerated).
 3. **Thumbs**: every thumbed-up answer beats every thumbed-down answer of the same prompt (answers
    with the same normalised text are not paired). At most `max_thumb_pairs_per_prompt` [8] per prompt,
-   picked by a stable hash. Source "thumbs", weight `w_thumbs` [1.0] + implicit(up) - implicit(down).
+   spread over the answers in an order fixed by a hash of their ids. Source "thumbs", weight `w_thumbs` [1.0] + implicit(up) - implicit(down).
    An answer's thumb is its net vote: ups minus downs over distinct users (each user's last vote).
 4. **KTO**: a thumbed answer that is in no DPO pair gives one KTO row: label = thumb up; weight
    `w_kto` [1.0] + implicit (desirable) or - implicit (undesirable).
@@ -196,14 +196,17 @@ def rows_for_prompt(answers: list[Answer], cfg: PairingConfig | None = None) -> 
                 (last.response_id, lost.response_id))
 
     # 3. thumbs up vs thumbs down
-    ups = [a for a in answers if a.thumb > 0]
-    downs = [a for a in answers if a.thumb < 0]
-    candidates = sorted(((u, d) for u in ups for d in downs),
-                        key=lambda p: _stable(p[0].response_id, p[1].response_id))
+    ups = sorted((a for a in answers if a.thumb > 0), key=lambda a: _stable(a.response_id))
+    downs = sorted((a for a in answers if a.thumb < 0), key=lambda a: _stable(a.response_id))
     made = 0
-    for u, d in candidates:
+    # Walk the up x down grid in "diagonals" (k -> up k % nu, down (k // nu + k % nu) % nd visits every
+    # cell once), so the first pairs spread over many answers and a popular prompt costs O(max pairs),
+    # not O(ups * downs).
+    nu, nd = len(ups), len(downs)
+    for k in range(min(nu * nd, 4 * cfg.max_thumb_pairs_per_prompt + nu + nd)):
         if made >= cfg.max_thumb_pairs_per_prompt:
             break
+        u, d = ups[k % nu], downs[(k // nu + k % nu) % nd]
         if near_key(u.completion) == near_key(d.completion):
             continue
         before = len(rows)

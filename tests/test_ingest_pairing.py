@@ -171,3 +171,11 @@ def test_ingest_configs_load():
     for f in files:
         job = f.name.split(".")[0]
         load_config(importlib.import_module(f"ingest.{job}").Config, f)
+
+
+def test_thumb_grid_visits_every_pair_once():
+    """3 ups x 3 downs with a cap above 9: all 9 (up, down) pairs, each exactly once."""
+    answers = [A(f"u{i}", f"good {i}", ups=("x",)) for i in range(3)]
+    answers += [A(f"d{i}", f"bad {i}", downs=("y",)) for i in range(3)]
+    rows = rows_for_prompt(answers, PairingConfig(max_thumb_pairs_per_prompt=100))
+    assert sorted((r.chosen, r.rejected) for r in rows) == [(f"good {i}", f"bad {j}") for i in range(3) for j in range(3)]
