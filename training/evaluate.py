@@ -20,6 +20,7 @@ markdown report and a PNG chart are logged as artifacts. The last stdout line is
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -57,6 +58,10 @@ class Config:
       n_winrate, n_benign, n_harmful, n_sycophancy, n_regression: prompts per set (0 skips the set)
     Generation:
       max_new_tokens, batch_size, temperature (0 = greedy), top_p, seed, dtype
+      probe_temperature, probe_max_new_tokens: for the benign/harmful/sycophancy/regression probes;
+        greedy by default so a probe rate moves only when the model does, not with sampling noise
+        (probe sets are small: one answer is 6-12 points), and short because refusals, pushback and
+        answers come first
       threads: torch CPU threads (0 = torch's default). On a shared CPU set 1: with the cores
         oversubscribed, 2 spinning OpenMP threads made a tiny-model step ~10x slower than 1 thread
     Statistics:
@@ -86,6 +91,8 @@ class Config:
     top_p: float = 0.95
     seed: int = 0
     dtype: Literal["float32", "bfloat16"] = "float32"
+    probe_temperature: float = 0.0
+    probe_max_new_tokens: int = 32
     threads: int = 0
     bootstrap: int = 2000
     confidence: float = 0.95
@@ -366,9 +373,11 @@ def run_suite(cfg: Config, pol: Policies, cand: Side, base: Side, judge, dataset
     details: dict[str, Any] = {"samples": {}}
     data = _data_dir(cfg)
 
-    def both(prompts: list[Messages], name: str) -> tuple[list[dict], list[dict]]:
-        a = pol.generate(cand.adapter, prompts, cfg, f"{name}: candidate")
-        b = pol.generate(base.adapter, prompts, cfg, f"{name}: baseline")
+    probe_cfg = dataclasses.replace(cfg, temperature=cfg.probe_temperature, max_new_tokens=cfg.probe_max_new_tokens)
+
+    def both(prompts: list[Messages], name: str, gen_cfg: Config = cfg) -> tuple[list[dict], list[dict]]:
+        a = pol.generate(cand.adapter, prompts, gen_cfg, f"{name}: candidate")
+        b = pol.generate(base.adapter, prompts, gen_cfg, f"{name}: baseline")
         details["samples"][name] = [{"prompt": p[-1]["content"], "candidate": x["text"], "baseline": y["text"]}
                                     for p, x, y in zip(prompts, a, b, strict=True)]
         return a, b
@@ -404,7 +413,7 @@ def run_suite(cfg: Config, pol: Policies, cand: Side, base: Side, judge, dataset
         if n <= 0:
             return None
         rows = take(read_jsonl(data / file), n, cfg.seed)
-        a, b = both([r["messages"] for r in rows], name)
+        a, b = both([r["messages"] for r in rows], name, probe_cfg)
         return (rate([flag(r, x["text"]) for r, x in zip(rows, a, strict=True)]),
                 rate([flag(r, x["text"]) for r, x in zip(rows, b, strict=True)]))
 
@@ -483,7 +492,8 @@ def write_report(m: dict[str, float], details: dict, cfg: Config, cand: Side, ba
              f"- judge: `{judge_name}`; win-rate prompts: {details.get('winrate_source')}; "
              f"preference pairs: {details.get('pref_pairs', 0)}",
              f"- generation: max_new_tokens={cfg.max_new_tokens}, temperature={cfg.temperature}, top_p={cfg.top_p}, "
-             f"seed={cfg.seed}, dtype={cfg.dtype}", ""]
+             f"seed={cfg.seed}, dtype={cfg.dtype}; probes: temperature={cfg.probe_temperature}, "
+             f"max_new_tokens={cfg.probe_max_new_tokens}", ""]
     if "win_rate" in m:
         lines += [f"**Win rate {m['win_rate']:.3f}** ({cfg.confidence:.0%} bootstrap CI {m['win_rate_ci_low']:.3f}–"
                   f"{m['win_rate_ci_high']:.3f}; {m['wins']:.0f} wins / {m['ties']:.0f} ties / {m['losses']:.0f} "

@@ -5,18 +5,24 @@ i.e. what a naive loop over prompts would cost. Ratio = baseline seconds / batch
 candidate is a LoRA adapter with random (non-zero) weights: generation cost does not depend on
 what the adapter learned. Results go to var/bench/eval.json.
 
+Threads: FLYWHEEL_BENCH_THREADS (default 1). On the shared 2-core dev machine the cores are
+oversubscribed, and 2 spinning OpenMP threads were ~10x slower than 1 on the tiny model; set 2 on
+an idle machine. The thread count is recorded with the figures.
+
     make bench PYTEST_ARGS="-k eval"       # or: .venv/bin/python -m pytest -q -s tests/benchmarks/bench_eval.py
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+THREADS = int(os.environ.get("FLYWHEEL_BENCH_THREADS", "1"))
 SUITE = {  # small enough for ~1-2 min per setting on SmolLM2 with 2 cores
     "tiny": {"n_winrate": 32, "n_benign": 8, "n_harmful": 8, "n_sycophancy": 8, "n_regression": 8,
              "max_new_tokens": 48, "dtype": "float32", "batched": 48},
@@ -50,7 +56,8 @@ def run_suite(candidate: Path, base_model: str, batch_size: int, settings: dict)
     overrides = [f"{k}={v}" for k, v in settings.items() if k != "batched"]
     cfg = load_config(ev.Config, REPO / "training/configs/evaluate.yaml", overrides + [
         f"candidate={candidate}", "baseline=base", f"base_model={base_model}", "judge=rule:uses_list",
-        "winrate_prompts=file", "dataset_version=none", f"batch_size={batch_size}", "experiment=bench-eval"])
+        "winrate_prompts=file", "dataset_version=none", f"batch_size={batch_size}", "experiment=bench-eval",
+        f"threads={THREADS}"])
     t0 = time.monotonic()
     result = ev.main(cfg)
     wall = time.monotonic() - t0
@@ -64,14 +71,17 @@ def run_suite(candidate: Path, base_model: str, batch_size: int, settings: dict)
 @pytest.mark.bench
 @pytest.mark.parametrize("base_model", ["tiny", "smollm2"])
 def test_bench_eval_suite(stack, tmp_path, base_model):
+    import torch
+
     from ingest import endpoints
 
+    torch.set_num_threads(THREADS)
     settings = SUITE[base_model]
     adapter = random_adapter(endpoints.model_path(base_model), base_model, tmp_path / "adapter")
     batched = run_suite(adapter, base_model, settings["batched"], settings)
     unbatched = run_suite(adapter, base_model, 1, settings)
     ratio = unbatched["wall_s"] / batched["wall_s"]
-    record = {"model": base_model, "dtype": settings["dtype"], "max_new_tokens": settings["max_new_tokens"],
+    record = {"model": base_model, "dtype": settings["dtype"], "threads": THREADS, "load_avg_1m": os.getloadavg()[0], "max_new_tokens": settings["max_new_tokens"],
               "batched": batched, "baseline_unbatched": unbatched, "speedup_vs_unbatched": round(ratio, 2)}
     print(f"\neval suite on {base_model}: {batched['prompts']} prompts x 2 models in {batched['wall_s']:.1f}s "
           f"({batched['prompts_per_s']:.2f} prompts/s, batch {batched['batch_size']}); unbatched baseline "
