@@ -33,7 +33,8 @@ demo: setup  ## the whole loop on SmolLM2: traffic -> dataset -> DPO -> eval -> 
 	$(PY) -m infra.demo $(DEMO_ARGS)
 
 test: setup  ## install and run the test suite (tiny model, real broker/Spark/MLflow/Airflow)
-	$(PY) -m infra.models --only tiny --only minilm
+	bash infra/setup-browser.sh
+	$(PY) -m infra.models
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
