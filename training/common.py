@@ -80,6 +80,12 @@ def trainer_device_kwargs(hw: Hardware) -> dict[str, Any]:
     return {"use_cpu": hw.device == "cpu", "bf16": hw.precision == "bf16", "fp16": hw.precision == "fp16"}
 
 
+def is_main_process() -> bool:
+    """Rank 0 under `accelerate launch` / torchrun (or a plain process): the one that talks to MLflow,
+    writes the adapter and registers it; the other ranks only train."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def peak_memory_mb(device: str) -> float:
     """Peak memory of this process: GPU allocator peak on CUDA, max RSS on CPU."""
     if device == "cuda":

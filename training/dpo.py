@@ -13,6 +13,7 @@ with the same output_dir resumes from the newest one. The last stdout line is a 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -263,14 +264,18 @@ def main(cfg: Config) -> dict[str, Any]:
 
     tags = {"trainer": "dpo", "dataset_version": version, "base_model": cfg.base_model, "start": start.label,
             "device": hw.device, "precision": hw.precision}
-    with common.start_mlflow_run(cfg.experiment, cfg.run_name or f"dpo-{version}", out, tags) as run:
+    is_main = common.is_main_process()
+    run_ctx = common.start_mlflow_run(cfg.experiment, cfg.run_name or f"dpo-{version}", out, tags) \
+        if is_main else contextlib.nullcontext()
+    with run_ctx as run:
         import mlflow
 
-        common.log_config(cfg, {"base_model_path": base_path, "start_adapter": start.label,
-                                "hardware": hw.name, "n_devices": hw.n_devices})
-        common.log_dataset_input(version, "dpo", "train", train, "training")
-        if heldout is not None:
-            common.log_dataset_input(version, "dpo", "eval", heldout, "evaluation")
+        if is_main:  # rank 0 logs; every rank trains
+            common.log_config(cfg, {"base_model_path": base_path, "start_adapter": start.label,
+                                    "hardware": hw.name, "n_devices": hw.n_devices})
+            common.log_dataset_input(version, "dpo", "train", train, "training")
+            if heldout is not None:
+                common.log_dataset_input(version, "dpo", "eval", heldout, "evaluation")
 
         before = trainer.evaluate() if heldout is not None and cfg.eval_before else {}
         resume = common.last_checkpoint(out / "checkpoints") if cfg.resume == "auto" else None
@@ -281,6 +286,8 @@ def main(cfg: Config) -> dict[str, Any]:
         # a resume (log_history is restored from the checkpoint).
         step_losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         after = trainer.evaluate() if heldout is not None else {}
+        if not is_main:
+            return {}
 
         final = {"train_loss": sum(step_losses) / max(len(step_losses), 1),
                  "final_step_loss": step_losses[-1] if step_losses else float("nan"), "train_seconds": train_s,

@@ -13,6 +13,7 @@ not used; use DPO where the implicit-signal weights matter.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -141,19 +142,26 @@ def main(cfg: Config) -> dict[str, Any]:
 
     tags = {"trainer": "kto", "dataset_version": version, "base_model": cfg.base_model, "start": start.label,
             "device": hw.device, "precision": hw.precision}
-    with common.start_mlflow_run(cfg.experiment, cfg.run_name or f"kto-{version}", out, tags) as run:
+    is_main = common.is_main_process()
+    run_ctx = common.start_mlflow_run(cfg.experiment, cfg.run_name or f"kto-{version}", out, tags) \
+        if is_main else contextlib.nullcontext()
+    with run_ctx as run:
         import mlflow
 
-        common.log_config(cfg, {"base_model_path": base_path, "start_adapter": start.label, "hardware": hw.name,
-                                "desirable_weight": d_weight, "undesirable_weight": u_weight})
-        common.log_dataset_input(version, "kto", "train", train, "training")
-        if heldout is not None:
-            common.log_dataset_input(version, "kto", "eval", heldout, "evaluation")
+        if is_main:  # rank 0 logs; every rank trains
+            common.log_config(cfg, {"base_model_path": base_path, "start_adapter": start.label,
+                                    "hardware": hw.name, "n_devices": hw.n_devices,
+                                    "desirable_weight": d_weight, "undesirable_weight": u_weight})
+            common.log_dataset_input(version, "kto", "train", train, "training")
+            if heldout is not None:
+                common.log_dataset_input(version, "kto", "eval", heldout, "evaluation")
         resume = common.last_checkpoint(out / "checkpoints") if cfg.resume == "auto" else None
         t0 = time.perf_counter()
         trainer.train(resume_from_checkpoint=resume)
         train_s = time.perf_counter() - t0
         after = trainer.evaluate() if heldout is not None else {}
+        if not is_main:
+            return {}
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         final = {"train_loss": sum(losses) / max(len(losses), 1), "train_seconds": train_s,
                  "train_steps": float(trainer.state.global_step), "peak_memory_mb": common.peak_memory_mb(hw.device),

@@ -16,6 +16,7 @@ accuracy reaches `champion_min_accuracy` (reward models have no release gate of 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -156,18 +157,24 @@ def main(cfg: Config) -> dict[str, Any]:
     trainer = RewardTrainer(model=model, args=args, train_dataset=train_tok, eval_dataset=heldout_tok,
                             processing_class=tokenizer, callbacks=[metrics_cb])
     tags = {"trainer": "reward_model", "dataset_version": version, "backbone": cfg.backbone}
-    with common.start_mlflow_run(cfg.experiment, cfg.run_name or f"reward-{version}", out, tags) as run:
+    is_main = common.is_main_process()
+    run_ctx = common.start_mlflow_run(cfg.experiment, cfg.run_name or f"reward-{version}", out, tags) \
+        if is_main else contextlib.nullcontext()
+    with run_ctx as run:
         import mlflow
 
-        common.log_config(cfg, {"backbone_path": backbone_path, "hardware": hw.name})
-        common.log_dataset_input(version, "dpo", "train", train, "training")
-        if heldout is not None:
-            common.log_dataset_input(version, "dpo", "eval", heldout, "evaluation")
+        if is_main:  # rank 0 logs; every rank trains
+            common.log_config(cfg, {"backbone_path": backbone_path, "hardware": hw.name})
+            common.log_dataset_input(version, "dpo", "train", train, "training")
+            if heldout is not None:
+                common.log_dataset_input(version, "dpo", "eval", heldout, "evaluation")
         before = trainer.evaluate() if heldout_tok is not None else {}
         t0 = time.perf_counter()
         trainer.train()
         train_s = time.perf_counter() - t0
         after = trainer.evaluate() if heldout_tok is not None else {}
+        if not is_main:
+            return {}
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         final = {"train_loss": sum(losses) / max(len(losses), 1), "train_seconds": train_s,
                  "peak_memory_mb": common.peak_memory_mb(hw.device),
