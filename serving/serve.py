@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -63,6 +64,7 @@ class HttpConfig:
     chat_burst: int = 20
     max_responses: int = 200_000  # issued responses remembered for feedback (LRU)
     log_level: str = "warning"
+    gil_switch_interval_ms: float = 0.5  # Python's default is 5 ms
 
 
 @dataclass
@@ -188,6 +190,10 @@ def main(cfg: Config) -> None:
     logging.getLogger("kafka").setLevel(logging.CRITICAL)
     if cfg.http.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("binding to %s: this exposes the server beyond loopback", cfg.http.host)
+    # The event loop shares the GIL with the publisher's sender and kafka-python's I/O thread; at
+    # the default 5 ms switch interval a feedback request could wait a whole interval for the
+    # loop to get the GIL back (measured p50 3.2 ms -> see tests/benchmarks/bench_serving.py).
+    sys.setswitchinterval(cfg.http.gil_switch_interval_ms / 1000)
     service = build(cfg)
     log.info("serving %s on http://%s:%d (backend %s)", service.served_name, cfg.http.host, cfg.http.port,
              cfg.backend)

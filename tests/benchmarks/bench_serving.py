@@ -1,0 +1,257 @@
+"""Benchmarks of the serving path, each against a baseline measured in the same run.
+
+  feedback     POST /v1/feedback p50/p99 latency and req/s with the Kafka producer attached (real
+               broker), against GET /healthz on the same server (the HTTP floor). Target p99 <= 5 ms.
+               The server runs as its own process (`python -m serving`), so client and server do
+               not share a GIL.
+  batching     chat tokens/s on SmolLM2-135M (bf16) at concurrency 8 vs concurrency 1 through the
+               engine's dynamic batcher. Target >= 4x.
+  adapter      tokens/s at concurrency 8 with every request on a LoRA adapter (r=16, all linear
+               layers, like training's) and with a 50/50 mix, vs the base. Target overhead <= 15%.
+  switch       time for the server to move to a newly promoted champion: cold (download + load at
+               promotion) vs prefetched (the version was @challenger first, so only routing moves).
+
+Results: var/bench/serving_<name>.json. Threads: FLYWHEEL_BENCH_THREADS (default 1: the shared
+2-core machine is oversubscribed, where 2 spinning OpenMP threads were up to 15x slower than 1).
+
+    make bench PYTEST_ARGS="-k serving"   # or: .venv/bin/python -m pytest -q -s tests/benchmarks/bench_serving.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+THREADS = int(os.environ.get("FLYWHEEL_BENCH_THREADS", "1"))
+OUT = REPO / "var" / "bench"
+
+
+def save(name: str, data: dict) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    data = {"threads": THREADS, "load_avg_1m": os.getloadavg()[0], "at": time.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            **data}
+    (OUT / f"serving_{name}.json").write_text(json.dumps(data, indent=2))
+    print(f"\n[serving/{name}] " + json.dumps(data))
+
+
+def pct(xs: list[float], p: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server_process(stack, tiny_model, tmp_path_factory):
+    """`python -m serving` on the tiny model, as its own process, against the test stack."""
+    port = free_port()
+    var = tmp_path_factory.mktemp("bench-serving")
+    cmd = [sys.executable, "-m", "serving", "--config", "serving/configs/serve.tiny.yaml", f"http.port={port}",
+           "http.token_secret=bench", "http.feedback_per_minute=0", "registry.enabled=false",
+           f"events.spool_dir={var / 'spool'}", "generation.max_tokens=8"]
+    with open(var / "server.log", "w") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/healthz", timeout=1).json()["events"]["mode"] == "direct":
+                break
+        except (httpx.HTTPError, KeyError):
+            pass
+        assert proc.poll() is None, (var / "server.log").read_text()[-2000:]
+        time.sleep(0.2)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def _timed(client: httpx.Client, n: int, call) -> list[float]:  # noqa: ANN001
+    lat = []
+    for i in range(n):
+        t0 = time.perf_counter()
+        r = call(client, i)
+        lat.append((time.perf_counter() - t0) * 1000)
+        assert r.status_code in (200, 202), r.text
+    return lat
+
+
+def test_feedback_latency(server_process):
+    url = server_process
+    with httpx.Client(base_url=url, timeout=30) as c:
+        answers = [c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                         "user": f"u{i}"}).json() for i in range(20)]
+
+        def feedback(client: httpx.Client, i: int) -> httpx.Response:
+            a = answers[i % len(answers)]
+            return client.post("/v1/feedback", json={"response_id": a["response_id"], "user": f"u{i % 20}",
+                                                      "feedback_token": a["feedback_token"], "kind": "copy"})
+
+        def health(client: httpx.Client, _i: int) -> httpx.Response:
+            return client.get("/healthz")
+
+        _timed(c, 200, feedback)  # warm-up
+        _timed(c, 200, health)
+        fb, hz = [], []
+        for _ in range(20):  # interleaved, so both see the same (shared, busy) machine
+            fb += _timed(c, 100, feedback)
+            hz += _timed(c, 100, health)
+
+    def throughput(call, workers: int = 8, per: int = 250) -> float:  # noqa: ANN001
+        def run(_w: int) -> None:
+            with httpx.Client(base_url=url, timeout=30) as cl:
+                _timed(cl, per, call)
+
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(workers) as ex:
+            list(ex.map(run, range(workers)))
+        return workers * per / (time.perf_counter() - t0)
+
+    rps_fb, rps_hz = throughput(feedback), throughput(health)
+    state = httpx.get(url + "/healthz").json()["events"]
+    save("feedback", {
+        "feedback_p50_ms": round(statistics.median(fb), 3), "feedback_p99_ms": round(pct(fb, 99), 3),
+        "healthz_p50_ms": round(statistics.median(hz), 3), "healthz_p99_ms": round(pct(hz, 99), 3),
+        "feedback_rps_8_clients": round(rps_fb, 1), "healthz_rps_8_clients": round(rps_hz, 1),
+        "ratio_p50_feedback_vs_healthz": round(statistics.median(fb) / statistics.median(hz), 2),
+        "producer": {k: state[k] for k in ("mode", "sent", "spooled", "published")}, "target_p99_ms": 5.0})
+    assert state["mode"] == "direct" and state["spooled"] == 0
+
+
+# --- engine benchmarks on SmolLM2 --------------------------------------------------------------------
+
+PROMPTS = ["How do I learn a new language quickly?", "Give me tips for better sleep.",
+           "What should I pack for a weekend hike?", "How can I focus while working from home?",
+           "Explain how to start running.", "How do I keep a plant alive?", "Tips to save money on food?",
+           "How do I prepare for a job interview?"]
+
+
+@pytest.fixture(scope="module")
+def smollm2_engine():
+    from ingest import endpoints
+    from serving.engine import Engine
+
+    engine = Engine(endpoints.model_path("smollm2"), dtype="auto", max_batch=8, max_wait_ms=20, threads=THREADS)
+    engine.generate([{"role": "user", "content": "warm up"}], max_tokens=4)
+    yield engine
+    engine.close()
+
+
+def _tokens_per_s(engine, concurrency: int, n_requests: int, max_tokens: int,  # noqa: ANN001
+                  adapters: list[str | None]) -> dict:
+    from serving.engine import GenRequest
+
+    reqs = []
+    for i in range(n_requests):
+        ids = engine.encode([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], max_tokens)
+        reqs.append((ids, adapters[i % len(adapters)], i))
+    sem = threading.Semaphore(concurrency)
+    futures = []
+    t0 = time.perf_counter()
+    for ids, adapter, i in reqs:
+        sem.acquire()
+        fut = engine.submit(GenRequest(ids, max_tokens, 0.7, 0.95, seed=i, adapter=adapter))
+        fut.add_done_callback(lambda _f: sem.release())
+        futures.append(fut)
+    results = [f.result() for f in futures]
+    seconds = time.perf_counter() - t0
+    tokens = sum(r.completion_tokens for r in results)
+    return {"concurrency": concurrency, "requests": n_requests, "tokens": tokens, "seconds": round(seconds, 2),
+            "tokens_per_s": round(tokens / seconds, 1)}
+
+
+def test_batching_speedup(smollm2_engine):
+    engine = smollm2_engine
+    base1 = _tokens_per_s(engine, 1, 4, 48, [None])
+    batches_before = engine.stats["batches"]
+    c8 = _tokens_per_s(engine, 8, 16, 48, [None])
+    ratio = c8["tokens_per_s"] / base1["tokens_per_s"]
+    save("batching", {"model": "smollm2", "baseline_concurrency_1": base1, "concurrency_8": c8,
+                      "batches_at_c8": engine.stats["batches"] - batches_before,
+                      "ratio_c8_vs_c1": round(ratio, 2), "target_ratio": 4.0})
+
+
+def test_adapter_overhead(smollm2_engine):
+    from ingest import endpoints
+
+    engine = smollm2_engine
+    folder = _smollm2_adapter(endpoints.model_path("smollm2"))
+    engine.load_adapter("bench-adapter_1", folder)
+    base = _tokens_per_s(engine, 8, 16, 48, [None])
+    lora = _tokens_per_s(engine, 8, 16, 48, ["bench-adapter_1"])
+    mixed = _tokens_per_s(engine, 8, 16, 48, [None, "bench-adapter_1"])
+    save("adapter", {"model": "smollm2", "lora": "r16 all-linear", "baseline_base": base, "adapter": lora,
+                     "mixed_50_50": mixed,
+                     "overhead_adapter_pct": round(100 * (1 - lora["tokens_per_s"] / base["tokens_per_s"]), 1),
+                     "overhead_mixed_pct": round(100 * (1 - mixed["tokens_per_s"] / base["tokens_per_s"]), 1),
+                     "target_overhead_pct": 15.0})
+
+
+def _smollm2_adapter(base_path: str, seed: int = 0) -> Path:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_path),
+                           LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False))
+    out = Path(tempfile.mkdtemp(prefix="bench-adapter-"))
+    model.save_pretrained(out)
+    (out / "flywheel_adapter.json").write_text(json.dumps({"base_model": "smollm2", "trainer": "dpo"}))
+    return out
+
+
+def test_adapter_switch_time(stack, smollm2_engine, tmp_path):
+    import mlflow
+
+    from ingest import endpoints
+    from serving.adapters import AdapterRouter
+    from training import registry
+
+    name = "bench-switch-assistant"
+    base_path = endpoints.model_path("smollm2")
+    router = AdapterRouter(smollm2_engine, base_model="smollm2", model_name=name, adapters_dir=tmp_path / "ad",
+                           prefetch=True)
+    registry.client()
+    mlflow.set_experiment("serving-bench")
+
+    def register(seed: int, alias: str | None) -> registry.AdapterRef:
+        with mlflow.start_run() as run:
+            return registry.register_adapter(_smollm2_adapter(base_path, seed), run.info.run_id, name=name,
+                                             alias=alias)
+
+    cold_ref = register(1, None)
+    registry.set_alias("champion", cold_ref.version, name=name)
+    t0 = time.perf_counter()
+    router.refresh()
+    cold = time.perf_counter() - t0
+    assert router.routes.champion.label == cold_ref.label
+    warm_ref = register(2, "challenger")
+    router.refresh()  # prefetch, as the poller does between promotions
+    registry.set_alias("champion", warm_ref.version, name=name)
+    t0 = time.perf_counter()
+    router.refresh()
+    warm = time.perf_counter() - t0
+    assert router.routes.champion.label == warm_ref.label
+    save("switch", {"model": "smollm2", "cold_switch_s (download+load+route)": round(cold, 3),
+                    "prefetched_switch_s (route only)": round(warm, 3),
+                    "ratio_cold_vs_prefetched": round(cold / warm, 1),
+                    "note": "plus up to registry.poll_interval_s (default 2 s) until the poller sees the alias"})
