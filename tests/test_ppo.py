@@ -19,7 +19,7 @@ def test_ppo_raises_reward_within_kl_budget(stack, tiny_model: str, tmp_path: Pa
 
     write_dataset(endpoints.var_dir() / "datasets", "ds-test-ppo1", n_train=32, n_eval=8, seed=5, kinds=("dpo",))
     cfg = load_config(ppo.Config, REPO / "training" / "configs" / "ppo.yaml",
-                      ["dataset_version=ds-test-ppo1", "reward=rule:bullets", f"output_dir={tmp_path / 'ppo'}",
+                      ["dataset_version=ds-test-ppo1", "reward_model=rule:bullets", f"output_dir={tmp_path / 'ppo'}",
                        "registry_model=flywheel-test-ppo"])
     result = ppo.main(cfg)
     m = result["metrics"]

@@ -40,8 +40,8 @@ class Config:
     Data:          dataset_version (prompts = the version's unique train prompts), max_prompts (0 = all)
     Model:         base_model, init_from (base | champion | models:/... | folder: the adapter to start from;
                    the reference is always the adapter-disabled base), lora.{r, alpha, dropout, target_modules}
-    Reward:        reward (models:/flywheel-reward@champion | a folder | rule:bullets | rule:short |
-                   rule:keyword=WORD), reward_scale
+    Reward:        reward_model (models:/flywheel-reward@champion | a flywheel-reward version number or alias |
+                   a folder | rule:bullets | rule:short | rule:keyword=WORD), reward_scale
     Rollouts:      iterations, rollout_batch (prompts per iteration), max_new_tokens, temperature
     PPO:           ppo_epochs, minibatch_size, learning_rate, gamma, lam, clip_range, value_clip, vf_coef,
                    max_grad_norm, whiten_advantages
@@ -56,7 +56,7 @@ class Config:
     base_model: str = "tiny"
     init_from: str = "base"
     lora: LoraSettings = field(default_factory=LoraSettings)
-    reward: str = "models:/flywheel-reward@champion"
+    reward_model: str = "models:/flywheel-reward@champion"
     reward_scale: float = 1.0
     iterations: int = 20
     rollout_batch: int = 16
@@ -185,7 +185,7 @@ def main(cfg: Config) -> dict[str, Any]:
     autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(hw.precision)
 
     prompts = prompts_of(version, cfg.max_prompts, cfg.seed)
-    scorer = load_reward(cfg.reward)
+    scorer = load_reward(cfg.reward_model)
     base_path = endpoints.model_path(cfg.base_model)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     tokenizer.padding_side = "left"
@@ -210,7 +210,7 @@ def main(cfg: Config) -> dict[str, Any]:
         return torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
 
     history: list[dict[str, float]] = []
-    tags = {"trainer": "ppo", "dataset_version": version, "base_model": cfg.base_model, "reward": cfg.reward,
+    tags = {"trainer": "ppo", "dataset_version": version, "base_model": cfg.base_model, "reward": cfg.reward_model,
             "start": start.label, "device": hw.device, "precision": hw.precision}
     with common.start_mlflow_run(cfg.experiment, cfg.run_name or f"ppo-{version}", out, tags) as run:
         import mlflow
@@ -297,7 +297,7 @@ def main(cfg: Config) -> dict[str, Any]:
         mlflow.log_metrics(final, step=cfg.iterations)
         (out / "history.json").write_text(json.dumps(history, indent=1))
         plot = common.plot_curves(history, ["reward_mean", "kl", "kl_coef", "value_loss", "policy_loss"],
-                                  out / "ppo_curves.png", f"PPO {version} ({cfg.reward})")
+                                  out / "ppo_curves.png", f"PPO {version} ({cfg.reward_model})")
         if plot:
             mlflow.log_artifact(str(plot), "plots")
 
@@ -306,7 +306,7 @@ def main(cfg: Config) -> dict[str, Any]:
         torch.save(value_head.state_dict(), out / "value_head.pt")  # not part of the served adapter
         common.write_sidecar(adapter_dir, trainer="ppo", cfg=cfg, base_model=cfg.base_model,
                              base_model_path=base_path, dataset_version=version,
-                             extra={"start_adapter": start.label, "reward": cfg.reward})
+                             extra={"start_adapter": start.label, "reward_model": cfg.reward_model})
         result: dict[str, Any] = {"run_id": run.info.run_id, "adapter_dir": str(adapter_dir), "dataset_version": version,
                                   "base_model": cfg.base_model, "start_adapter": start.label, "trainer": "ppo",
                                   "metrics": final, "model_version": None, "model_uri": None}
