@@ -10,6 +10,7 @@ see test_serving_publisher.py for why it is not killed).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -35,6 +36,24 @@ from serving.serve import BackgroundServer, Config
 REPO = Path(__file__).resolve().parent.parent
 SECRET = "test-secret"
 OUTAGE_S = float(os.environ.get("FLYWHEEL_TEST_OUTAGE_S", "8"))  # the acceptance run uses 60
+
+
+@contextlib.contextmanager
+def private_topics(bootstrap: str):  # noqa: ANN201
+    """Topics of our own for the duration (FLYWHEEL_TOPIC_PREFIX), so the events these tests emit
+    do not land in the topics that other packages' tests consume and count in the same session."""
+    from infra.stack import ensure_topics
+
+    old = os.environ.get("FLYWHEEL_TOPIC_PREFIX")
+    os.environ["FLYWHEEL_TOPIC_PREFIX"] = f"serving-test-{uuid.uuid4().hex[:6]}."
+    try:
+        ensure_topics(bootstrap)
+        yield endpoints.topics()
+    finally:
+        if old is None:
+            os.environ.pop("FLYWHEEL_TOPIC_PREFIX", None)
+        else:
+            os.environ["FLYWHEEL_TOPIC_PREFIX"] = old
 
 
 def tiny_adapter(base_path: str, seed: int) -> Path:
@@ -74,7 +93,7 @@ def server(stack, tiny_model, tmp_path_factory):
         f"events.spool_dir={var / 'spool'}", "events.delivery_timeout_ms=3000", "events.retry_interval_s=0.5",
         "generation.max_tokens=16", "batching.max_wait_ms=20",
     ])
-    with BackgroundServer(cfg) as srv:
+    with private_topics(stack.kafka), BackgroundServer(cfg) as srv:
         yield srv
 
 

@@ -4,17 +4,20 @@ clicks 👍 and edits an answer, and the feedback events arrive in Kafka."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 
-from ingest import endpoints
 from ingest.config import load_config
 from ingest.events import parse_event
 from serving.publisher import read_topic
 from serving.serve import BackgroundServer, Config
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).parent))
+from test_serving import private_topics  # noqa: E402
+
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--no-first-run", "--disable-sync"]
@@ -28,7 +31,7 @@ def test_chat_page_thumbs_up_and_edit_reach_kafka(stack, tiny_model, tmp_path):
     cfg = load_config(Config, REPO / "serving/configs/serve.tiny.yaml", [
         "http.port=0", "registry.enabled=false", f"events.spool_dir={tmp_path / 'spool'}",
         "generation.max_tokens=12"])
-    with BackgroundServer(cfg) as srv, sync_playwright() as pw:
+    with private_topics(stack.kafka) as topics, BackgroundServer(cfg) as srv, sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
         try:
             page = browser.new_page()
@@ -49,9 +52,8 @@ def test_chat_page_thumbs_up_and_edit_reach_kafka(stack, tiny_model, tmp_path):
         finally:
             browser.close()
         assert srv.service.publisher.wait_idle(30), srv.service.publisher.state()
-    events = [parse_event(json.dumps(e)) for e in read_topic(stack.kafka, endpoints.topics()["feedback"].name,
-                                                              timeout=20)]
-    mine = {e.kind: e for e in events if e.response_id == response_id}
+    events = read_topic(stack.kafka, topics["feedback"].name, timeout=20)
+    mine = {e.kind: e for e in (parse_event(json.dumps(e)) for e in events if e["response_id"] == response_id)}
     assert set(mine) == {"thumbs_up", "edit"}, mine
     assert mine["edit"].edited_text == "A clearer answer, written by the user."
     assert mine["thumbs_up"].user_id.startswith("web-")

@@ -22,7 +22,7 @@ from serving.serve import BackgroundServer, Config
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).parent))
-from test_serving import tiny_adapter  # noqa: E402
+from test_serving import private_topics, tiny_adapter  # noqa: E402
 
 MODEL_NAME = "vllm-test-assistant"
 
@@ -99,7 +99,7 @@ def test_vllm_backend_promotion_flow(stack, tiny_model, vllm_url, tmp_path):
         "http.port=0", "model.base=tiny", f"vllm.url={url}", f"registry.model_name={MODEL_NAME}",
         "registry.poll_interval_s=0.3", "registry.max_loaded=1", f"registry.adapters_dir={tmp_path / 'ad'}",
         f"events.spool_dir={tmp_path / 'spool'}"])
-    with BackgroundServer(cfg) as srv:
+    with private_topics(stack.kafka) as topics, BackgroundServer(cfg) as srv:
         assert seen["loaded"] == ["vllm-test-assistant_1"]
         r = httpx.post(srv.url + "/v1/chat/completions", timeout=30,
                        json={"messages": [{"role": "user", "content": "hi"}], "user": "u"}).json()
@@ -119,10 +119,9 @@ def test_vllm_backend_promotion_flow(stack, tiny_model, vllm_url, tmp_path):
         assert r["adapter_version"] == v2.label and seen["models"][-1] == "vllm-test-assistant_2"
         assert seen["unloaded"] == ["vllm-test-assistant_1"]  # retired once nothing used it
         assert srv.service.publisher.wait_idle(30)
-    from ingest import endpoints
     from serving.publisher import read_topic
 
-    events = read_topic(stack.kafka, endpoints.topics()["responses"].name, until={r["response_id"]})
+    events = read_topic(stack.kafka, topics["responses"].name, until={r["response_id"]})
     ev = [e for e in events if e["event_id"] == r["response_id"]][0]
     assert ev["completion_logprob"] == pytest.approx(-1.5) and ev["adapter_version"] == v2.label
     assert json.loads(json.dumps(ev))["base_model"] == "tiny"
