@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -110,15 +111,31 @@ def airflow_dags_test(dag_id: str, conf: dict) -> None:
     print(f"    $ airflow dags test {dag_id} -c '{json.dumps(conf)}'   (log: {log})", flush=True)
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+        started: dict[str, float] = {}
         for line in proc.stdout:  # type: ignore[union-attr]
             f.write(line)
-            if "Marking task as" in line or "state=" in line and "task_id=" in line or "Task instance" in line:
-                print("    " + line.strip()[-160:], flush=True)
+            if m := re.search(r"\[DAG TEST\] (starting|end) task task_id=(\w+)", line):
+                what, task_id = m.groups()
+                if what == "starting":
+                    started[task_id] = time.monotonic()
+                    print(f"    {task_id} ...", flush=True)
+                else:
+                    took = time.monotonic() - started.get(task_id, time.monotonic())
+                    print(f"    {task_id} done ({took:.0f}s)", flush=True)
+            elif "Task failed" in line or "ERROR" in line or "[error" in line:
+                print("    " + line.strip()[:200], flush=True)
         rc = proc.wait()
     if rc != 0:
         raise SystemExit(f"airflow dags test {dag_id} failed (exit {rc}); see {log}")
     if "state=failed" in log.read_text() or "DagRunState.FAILED" in log.read_text():
         raise SystemExit(f"a task of {dag_id} failed; see {log}")
+
+
+def retrain_conf(cfg: Config, window: dict[str, str]) -> dict[str, str]:
+    """The DAG run's params: the demo's models and configs, and the window its traffic fell in."""
+    return {"base_model": cfg.base_model, "dpo_config": cfg.dpo_config, "dpo_overrides": cfg.dpo_overrides,
+            "eval_overrides": cfg.eval_overrides, "dataset_overrides": cfg.dataset_overrides,
+            "window_start": window["start"], "window_end": window["end"]}
 
 
 def simulate_round(cfg: Config, mode: str, prompts: str, answers: int, seed: int) -> dict:
@@ -187,10 +204,7 @@ def main(cfg: Config) -> dict:
         landed_at = time.monotonic()
 
         with Stage("retrain (airflow: preference_retrain)"):
-            airflow_dags_test("preference_retrain", {
-                "base_model": cfg.base_model, "dpo_config": cfg.dpo_config, "dpo_overrides": cfg.dpo_overrides,
-                "eval_overrides": cfg.eval_overrides, "dataset_overrides": cfg.dataset_overrides,
-                "window_start": window_start.isoformat(), "window_end": window_end.isoformat()})
+            airflow_dags_test("preference_retrain", retrain_conf(cfg, report["window"]))
         report.update(registry_outcome())
 
         with Stage("serving picks up the champion"):
@@ -233,16 +247,20 @@ def registry_outcome() -> dict:
     newest = refs[0]
     aliases = registry.aliases()
     tags = newest.tags
-    gate_lines = json.loads(tags["gate.lines"]) if "gate.lines" in tags else []
+    gate_lines = [line for line in tags.get("gate.lines", "").split("\n") if line]
     passed = tags.get("gate.passed", "").lower() == "true"
     run_id = newest.run_id
+    run_link = None
+    if run_id:
+        experiment = registry.client().get_run(run_id).info.experiment_id
+        run_link = f"{endpoints.mlflow_tracking_uri()}/#/experiments/{experiment}/runs/{run_id}"
     return {
         "model_version": newest.version,
         "dataset_version": tags.get("dataset_version"),
         "champion_version": aliases.get("champion"),
         "aliases": aliases,
         "gate": {"passed": passed, "lines": gate_lines},
-        "mlflow_run": f"{endpoints.mlflow_tracking_uri()}/#/experiments/0/runs/{run_id}" if run_id else None,
+        "mlflow_run": run_link,
         "mlflow_model_version": f"{endpoints.mlflow_tracking_uri()}/#/models/{newest.name}/versions/{newest.version}",
     }
 
