@@ -70,3 +70,22 @@ def test_generation_is_seeded_and_kl_matches_direct(pol):
         want = (lc.exp() * (lc - lb)).sum(-1).mean().item()
         assert got == pytest.approx(want, rel=1e-3, abs=1e-5) and got > 0
     json.dumps(a)  # answers are plain data (they go into samples.jsonl)
+
+
+def test_reward_model_judge_scores_with_training_reward_model(tmp_path):
+    """The rm judge goes through training.reward_model.load_scorer (a MiniLM score head, untrained here:
+    the test pins the plumbing, not the preference). A local folder: no registry is touched."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from ingest import endpoints
+    from training import judges
+
+    torch.set_num_threads(1)
+    path = endpoints.minilm_path()
+    AutoModelForSequenceClassification.from_pretrained(path, num_labels=1).save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(path).save_pretrained(tmp_path)
+    (tmp_path / "flywheel_adapter.json").write_text(json.dumps({"input_format": "pair", "max_length": 64}))
+    judge = judges.make_judge(f"rm:{tmp_path}")
+    scores = judge.score(PROMPTS, ["- a list\n- of tips", "plain prose"])
+    assert len(scores) == 2 and all(isinstance(s, float) for s in scores) and scores[0] != scores[1]
+    assert judge.score(PROMPTS, ["- a list\n- of tips", "plain prose"]) == scores

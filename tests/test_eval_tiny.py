@@ -182,3 +182,10 @@ def test_gate_cli_reads_the_eval_run(adapters, stack):
     assert proc.returncode == 0, proc.stderr
     decision = json.loads(proc.stdout.strip().splitlines()[-1])
     assert decision["passed"] is False and any("win_rate_ci_low" in ln for ln in decision["lines"])
+
+
+def test_missing_reward_model_says_how_to_evaluate_without_one(stack):
+    from training import judges
+
+    with pytest.raises(RuntimeError, match="judge=rule:uses_list"):
+        judges.make_judge("rm:models:/flywheel-reward@no-such-alias")

@@ -145,7 +145,10 @@ class RewardModelJudge:
         except ImportError as e:
             raise RuntimeError(f"the reward-model judge needs training.reward_model.load_scorer ({e}); "
                                f"train a reward model first or pass judge=rule:uses_list") from e
-        self._scorer = load_scorer(self.uri)
+        try:
+            self._scorer = load_scorer(self.uri)
+        except ValueError as e:  # no such reward model: say how to evaluate without one
+            raise RuntimeError(f"{e}; or evaluate with a rule judge: judge=rule:uses_list") from e
 
     def score(self, prompts: Sequence[Messages], answers: Sequence[str]) -> list[float]:
         fn = getattr(self._scorer, "score", self._scorer)
