@@ -189,3 +189,22 @@ def test_missing_reward_model_says_how_to_evaluate_without_one(stack):
 
     with pytest.raises(RuntimeError, match="judge=rule:uses_list"):
         judges.make_judge("rm:models:/flywheel-reward@no-such-alias")
+
+
+def test_baseline_alias_unset_means_base_and_set_means_that_adapter(adapters):
+    """No champion yet -> compared with the base model; a champion adapter -> both adapters on one base."""
+    from training import registry
+
+    small = {"n_winrate": 16, "n_benign": 0, "n_harmful": 0, "n_sycophancy": 0, "n_regression": 0, "gate": "false",
+             "dataset_version": DATASET, "n_pref_pairs": 8}
+    unset = evaluate(adapters["real"], **small, baseline=f"models:/{MODEL}@champion")
+    assert unset["baseline"] == "base" and "gate" not in unset
+    registry.set_alias("champion", adapters["flipped"].rsplit("/", 1)[1], MODEL)
+    try:
+        vs = evaluate(adapters["real"], **small, baseline=f"models:/{MODEL}@champion")
+    finally:
+        registry.delete_alias("champion", MODEL)
+    m = vs["metrics"]
+    assert vs["baseline"] == f"{MODEL}/{adapters['flipped'].rsplit('/', 1)[1]}"
+    assert m["win_rate"] > unset["metrics"]["win_rate"] - 0.1 and m["list_rate_baseline"] < 0.1, m
+    assert m["pref_accuracy"] > 0.5 > m["pref_accuracy_baseline"], m
