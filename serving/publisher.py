@@ -291,7 +291,15 @@ class EventPublisher:
                 if rec is not None:
                     self._send(rec)
             elif rec is not None:
-                self._to_spool([rec])
+                # Drain everything queued in one append: while spooling, events belong on disk, not
+                # in memory waiting for the next (slow, failing) connection probe.
+                batch = [rec]
+                while True:
+                    try:
+                        batch.append(self._queue.get_nowait())
+                    except queue.Empty:
+                        break
+                self._to_spool(batch)
             if self._stop.is_set() and rec is None:
                 break
             if self._mode == "spooling" and not self._stop.is_set() \

@@ -249,6 +249,8 @@ def test_promotion_under_load_switches_without_failures(server, tiny_model):
     assert chat(server, user="gina")["adapter_version"] == v1.label
     explicit = chat(server, user="gina", adapter="base")
     assert explicit["adapter_version"] is None and explicit["ab_arm"] == "explicit"
+    by_model = chat(server, user="gina", model=v1.label)  # an id from /v1/models selects that adapter
+    assert by_model["adapter_version"] == v1.label and by_model["ab_arm"] == "explicit"
     v2 = register(tiny_model, seed=2, alias="challenger")  # as training registers a candidate
     deadline = time.monotonic() + 15  # the server prefetches the challenger before any promotion
     while v2.label not in server.service.router.state()["loaded"] and time.monotonic() < deadline:
@@ -306,10 +308,10 @@ def test_broker_outage_under_traffic_loses_nothing(server, stack):
 
     def one(i: int) -> None:
         try:
-            r = chat(server, user=f"outage-{i % 5}")
+            r = chat(server, user=f"outage-{i}")
             f = httpx.post(server.url + "/v1/feedback", timeout=30, json={
                 "response_id": r["response_id"], "feedback_token": r["feedback_token"],
-                "user": f"outage-{i % 5}", "kind": "thumbs_up" if i % 2 else "thumbs_down"})
+                "user": f"outage-{i}", "kind": "thumbs_up" if i % 2 else "thumbs_down"})
             assert f.status_code == 202, f.text
             with lock:
                 response_ids.append(r["response_id"])

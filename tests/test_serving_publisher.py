@@ -81,3 +81,25 @@ def test_broker_outage_spools_and_replays_exactly_once(stack, tmp_path):
     mine = {i: got[i] for i in ids}
     assert all(n == 1 for n in mine.values()), {k: v for k, v in mine.items() if v != 1}
     assert pub.state()["spool_pending"] == 0 and not list((tmp_path / "spool").glob("seg-*"))
+
+
+def test_spool_left_by_a_previous_process_is_replayed(stack, tmp_path):
+    """A server that stopped while the broker was away left a spool; the next one sends it first."""
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewTopic
+
+    topic = f"serving-test.respool-{uuid.uuid4().hex[:8]}"
+    admin = KafkaAdminClient(bootstrap_servers=stack.kafka, request_timeout_ms=10_000)
+    admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])
+    admin.close()
+    left = [_ev(i) for i in range(5)]
+    Spool(tmp_path / "spool").append([Record(topic, eid, v) for eid, v in left])
+    pub = EventPublisher(stack.kafka, tmp_path / "spool", retry_interval_s=0.2)
+    try:
+        eid, v = _ev(99)
+        pub.publish(topic, eid, v)
+        assert pub.wait_idle(30), (pub.state(), pub.last_error)
+    finally:
+        pub.close()
+    order = [e["i"] for e in read_topic(stack.kafka, topic, until={eid} | {e for e, _ in left}, timeout=30)]
+    assert order == [0, 1, 2, 3, 4, 99]  # one partition: the spooled events first, in order
