@@ -245,10 +245,14 @@ class AdapterRouter:
         while True:
             try:
                 self.refresh()
+                if self.last_error:
+                    log.info("registry reachable again")
                 self.last_error = None
             except Exception as e:  # noqa: BLE001 - keep serving what we have
-                self.last_error = f"{type(e).__name__}: {e}"
-                log.warning("adapter refresh failed: %s", self.last_error)
+                error = f"{type(e).__name__}: {e}"
+                if error != self.last_error:  # once per distinct failure, not every poll
+                    log.warning("adapter refresh failed (keeping the current routes): %s", error)
+                self.last_error = error
             first.set()
             if self._stop.wait(interval):
                 return

@@ -54,12 +54,13 @@ class HttpConfig:
 
     host: str = "127.0.0.1"
     port: int = 8000
-    token_secret: str = ""  # "" = $FLYWHEEL_TOKEN_SECRET, else a random one (tokens die with the process)
+    token_secret: str = ""  # "" = $FLYWHEEL_TOKEN_SECRET or $FLYWHEEL_FEEDBACK_SECRET, else random per process
     token_ttl_s: int = 7 * 24 * 3600
     max_body_bytes: int = 1_048_576  # chat requests
     max_feedback_bytes: int = 65_536
-    feedback_per_minute: float = 120.0  # per user; 0 = unlimited
-    feedback_burst: int = 30
+    # per user; a person gives a few signals per answer, the simulator more: 0 = unlimited
+    feedback_per_minute: float = 600.0
+    feedback_burst: int = 100
     chat_per_minute: float = 0.0  # per user; 0 = unlimited
     chat_burst: int = 20
     max_responses: int = 200_000  # issued responses remembered for feedback (LRU)
@@ -132,10 +133,12 @@ class Config:
 
 
 def token_secret(cfg: Config) -> bytes:
-    secret = cfg.http.token_secret or os.environ.get("FLYWHEEL_TOKEN_SECRET", "")
+    # FLYWHEEL_FEEDBACK_SECRET is the name infra/deploy/serving.yaml mounts from its Secret.
+    secret = (cfg.http.token_secret or os.environ.get("FLYWHEEL_TOKEN_SECRET", "")
+              or os.environ.get("FLYWHEEL_FEEDBACK_SECRET", ""))
     if not secret:
-        log.warning("no http.token_secret / FLYWHEEL_TOKEN_SECRET set: using a random one, so feedback tokens "
-                    "stop working when this process restarts")
+        log.warning("no http.token_secret / FLYWHEEL_TOKEN_SECRET / FLYWHEEL_FEEDBACK_SECRET set: using a random "
+                    "one, so feedback tokens stop working when this process restarts")
         secret = secrets.token_hex(32)
     return secret.encode()
 
@@ -188,6 +191,7 @@ def main(cfg: Config) -> None:
     # kafka-python logs every failed reconnect while the broker is down; the publisher reports its
     # own mode changes (and /healthz shows the spool), so its chatter is noise here.
     logging.getLogger("kafka").setLevel(logging.CRITICAL)
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)  # MLflow client retries
     if cfg.http.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("binding to %s: this exposes the server beyond loopback", cfg.http.host)
     # The event loop shares the GIL with the publisher's sender and kafka-python's I/O thread; at
