@@ -176,6 +176,10 @@ def test_gate_cli_reads_the_eval_run(adapters, stack):
     import subprocess
     import sys
 
+    from training import registry
+
+    if "eval_run_id" not in registry.resolve(adapters["flipped"]).tags:  # run alone (-k): evaluate first
+        evaluate(adapters["flipped"], gate="false")
     repo = Path(__file__).resolve().parent.parent
     proc = subprocess.run([sys.executable, "-m", "training.gate", "--candidate", adapters["flipped"]],
                           cwd=repo, env=os.environ.copy(), capture_output=True, text=True, timeout=120)
