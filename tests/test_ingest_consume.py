@@ -191,9 +191,10 @@ def test_sigterm_finishes_batch_and_commits(stack, topics, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="tansu 0.x: with two live members the group can loop in 'SyncGroup failed "
-                   "due to coordinator rebalance' at one generation (seen on a loaded 2-core machine; the same test "
-                   "passed in 50 s on a quieter one); the consumer itself never lands a duplicate either way")
+@pytest.mark.skipif(not os.environ.get("FLYWHEEL_TEST_REBALANCE"),
+                    reason="opt-in (FLYWHEEL_TEST_REBALANCE=1): with two live members tansu can loop in 'SyncGroup "
+                    "failed due to coordinator rebalance' at one generation on a loaded 2-core machine (passed in "
+                    "50 s on a quieter one), which would cost ~100 s of the suite")
 def test_two_consumers_rebalance(stack, topics, tmp_path):
     """A second member joins mid-stream: partitions move, every event lands, none twice."""
     valid_ids, _ = _produce(stack, topics, n_conv=800, n_bad=0, seed=2)
