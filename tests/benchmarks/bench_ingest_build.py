@@ -126,6 +126,7 @@ def polars_build(land: Path, out: Path, cfg: Config) -> dict:
 
 
 @pytest.mark.bench
+@pytest.mark.timeout(5400)  # 4M events on 2 cores take tens of minutes
 def test_bench_build_spark_vs_polars(tmp_path):
     results: dict = {"sizes": {}}
     spark = spark_session()
@@ -153,6 +154,7 @@ def test_bench_build_spark_vs_polars(tmp_path):
                 entry["spark_over_polars"] = round(spark_s / entry["polars_s"], 2)
             results["sizes"][str(size)] = entry
             print(f"\nBENCH ingest_build {size}: {json.dumps(entry)}", flush=True)
+            _save(results)  # after each size: a long run cut short still leaves its figures
     finally:
         spark.stop()
     if len(SIZES) > 1:
@@ -161,6 +163,10 @@ def test_bench_build_spark_vs_polars(tmp_path):
                               "time_ratio": round(b["spark_s"] / a["spark_s"], 2)}
     results["targets"] = {"spark_over_polars_max": 3.0, "scaling": "time_ratio ~ events_ratio"}
     print("\nBENCH ingest_build", json.dumps(results), flush=True)
+    _save(results)
+
+
+def _save(results: dict) -> None:
     out = REPO / "var" / "bench" / "ingest_build.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
