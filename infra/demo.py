@@ -46,7 +46,9 @@ class Config:
     base_model: str = "smollm2"
     dpo_config: str = "training/configs/dpo.smollm2.yaml"
     dpo_overrides: str = ""
-    eval_overrides: str = ""
+    # The judge of the win rate: the simulated users' preference rule (an oracle standing in for an LLM
+    # judge). preference_retrain trains no reward model; with one registered, judge=rm uses it.
+    eval_overrides: str = "judge=rule:uses_list"
     # SmolLM2 runs past 160 new tokens in ~92% of answers (measured on the held-out prompts); dropping
     # cut-off answers would leave almost nothing, and DPO still learns the preference from them
     # because chosen and rejected are cut alike (STACK-NOTES: the same setting gave +27 to +36 points).
