@@ -144,6 +144,9 @@ class AdapterRouter:
         self._challenger_version = challenger.version if challenger else None
         new = Routes(champion=new_champion, challenger=new_challenger if self.challenger_share > 0 else None)
         if new != old:
+            if hasattr(self.backend, "set_hot") and new.champion != old.champion:
+                # merge the new champion first; batches on the old one fall back to the gathered path
+                self.backend.set_hot(new.champion.name if new.champion else None)
             self.routes = new  # one assignment: requests see the old table or the new one, never a mix
             self.switches.append({"at": time.time(), "seconds": time.perf_counter() - t0,
                                   "champion": new.champion.label if new.champion else None,

@@ -102,3 +102,75 @@ def test_engine_batches_equal_single_requests(tiny_model):
         assert s1.text == s2.text  # a seed reproduces a sampled answer
     finally:
         engine.close()
+
+
+def test_multi_lora_matches_peft(tiny_model):
+    """Logits of a mixed batch (base, adapter 1, adapter 2 rows) through serving.lora equal PEFT's
+    for each row's adapter alone (fp32), including a rank-padded adapter and after an unload."""
+    import sys
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from serving.lora import MultiLora
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_serving import tiny_adapter
+
+    a1, a2 = tiny_adapter(tiny_model, 1), tiny_adapter(tiny_model, 2)
+    ids = torch.randint(3, 500, (3, 9))
+    with torch.inference_mode():
+        base = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+        want_base = base(ids[:1]).logits
+        peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), a1, adapter_name="a1")
+        peft.load_adapter(a2, adapter_name="a2")
+        peft.eval()
+        peft.set_adapter("a1")
+        want_1 = peft(ids[1:2]).logits
+        peft.set_adapter("a2")
+        want_2 = peft(ids[2:3]).logits
+        lora = MultiLora(base)
+        lora.load("a1", a1)
+        lora.load("a2", a2)
+        lora.select([None, "a1", "a2"], torch.device("cpu"))
+        got = base(ids).logits
+        assert torch.allclose(got[0], want_base[0], atol=1e-4)
+        assert torch.allclose(got[1], want_1[0], atol=1e-4)
+        assert torch.allclose(got[2], want_2[0], atol=1e-4)
+        assert not torch.allclose(want_1, want_2, atol=1e-2)  # the adapters really differ
+        lora.select(["a2"] * 3, torch.device("cpu"))  # the one-adapter fast path
+        assert torch.allclose(base(ids[2:3]).logits, want_2, atol=1e-4)
+        lora.unload("a1")
+        lora.select([None], torch.device("cpu"))
+        assert torch.allclose(base(ids[:1]).logits, want_base, atol=1e-4)
+
+
+def test_merged_hot_adapter_matches_gathered_path(tiny_model):
+    """With the hot adapter merged (fp32 merge, cast), an all-hot batch gives the same logits as the
+    unmerged path, and the base rows are untouched."""
+    import sys
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from serving.lora import MultiLora
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_serving import tiny_adapter
+
+    ids = torch.randint(3, 500, (2, 7))
+    with torch.inference_mode():
+        model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+        lora = MultiLora(model)
+        lora.load("a1", tiny_adapter(tiny_model, 1))
+        lora.select(["a1", "a1"], torch.device("cpu"))
+        unmerged = model(ids).logits
+        lora.merge("a1")
+        assert torch.allclose(model(ids).logits, unmerged, atol=1e-4)
+        lora.select([None, "a1"], torch.device("cpu"))  # mixed batch: gathered path, still exact
+        mixed = model(ids).logits
+        assert torch.allclose(mixed[1], unmerged[1], atol=1e-4)
+        lora.merge(None)
+        lora.select([None, None], torch.device("cpu"))
+        assert torch.allclose(model(ids).logits[0], mixed[0], atol=1e-4)
