@@ -87,7 +87,7 @@ class Engine:
     """The base model, its tokenizer, its loaded adapters and the batching worker."""
 
     def __init__(self, model_path: str, dtype: str = "auto", device: str = "auto", max_batch: int = 8,
-                 max_wait_ms: float = 10.0, threads: int | None = None):
+                 max_wait_ms: float = 10.0, threads: int | None = None, merge_hot: bool = True):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
@@ -110,6 +110,7 @@ class Engine:
         self.pad_id = self.tokenizer.pad_token_id
         self.context_len = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.max_batch = max_batch
+        self.merge_hot = merge_hot
         self.max_wait = max_wait_ms / 1000.0
         self.adapters: dict[str, str] = {}  # PEFT name -> folder
         self._queue: queue.Queue[GenRequest | None] = queue.Queue()
@@ -185,7 +186,7 @@ class Engine:
 
     def set_hot(self, name: str | None) -> None:
         """Serve `name` (the champion) from merged weights when a whole batch uses it."""
-        if name is not None and name not in self.adapters:
+        if not self.merge_hot or (name is not None and name not in self.adapters):
             return
         self._call_on_worker(lambda: self.lora.merge(name))
 

@@ -31,6 +31,7 @@ class ModelConfig:
     device: str = "auto"
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     served_name: str = ""  # id of the base in /v1/models and responses; "" = the value of `base`
+    merge_champion: bool = True  # keep champion-merged weights (one more copy of the LoRA-targeted weights)
 
 
 @dataclass
@@ -164,7 +165,7 @@ def build(cfg: Config):  # noqa: ANN201 - returns serving.app.Service
 
         backend = Engine(endpoints.model_path(cfg.model.base), dtype=cfg.model.dtype, device=cfg.model.device,
                          max_batch=cfg.batching.max_batch, max_wait_ms=cfg.batching.max_wait_ms,
-                         threads=cfg.model.threads or None)
+                         threads=cfg.model.threads or None, merge_hot=cfg.model.merge_champion)
     router = AdapterRouter(backend, base_model=cfg.model.base, model_name=cfg.registry.model_name,
                            adapters_dir=Path(cfg.registry.adapters_dir or var / "adapters"),
                            champion_alias=cfg.registry.champion_alias,
