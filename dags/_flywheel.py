@@ -41,3 +41,11 @@ def answer(xcom_line: str | None) -> dict:
     if not isinstance(out, dict):
         raise ValueError(f"the upstream job's answer is not a JSON object: {xcom_line[:200]!r}")
     return out
+
+
+def build_dataset_command(ctx: dict) -> str:
+    """`ingest.build_dataset` for the run's window: params window_start/window_end, else the data interval."""
+    p = ctx["params"]
+    start = p.get("window_start") or ctx["data_interval_start"].isoformat()
+    end = p.get("window_end") or ctx["data_interval_end"].isoformat()
+    return job("ingest.build_dataset", f"start={start}", f"end={end}", *p.get("dataset_overrides", "").split())

@@ -24,7 +24,7 @@ import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
 sys.path.insert(0, str(Path(__file__).parent))  # the shared helper next to this file, wherever it is mounted
-from _flywheel import DEFAULT_ARGS, answer, job  # noqa: E402
+from _flywheel import DEFAULT_ARGS, answer, build_dataset_command, job  # noqa: E402
 
 MODEL = "flywheel-assistant"
 
@@ -51,11 +51,7 @@ MODEL = "flywheel-assistant"
 def preference_retrain():
     @task.bash
     def build_dataset() -> str:
-        ctx = get_current_context()
-        p = ctx["params"]
-        start = p["window_start"] or ctx["data_interval_start"].isoformat()
-        end = p["window_end"] or ctx["data_interval_end"].isoformat()
-        return job("ingest.build_dataset", f"start={start}", f"end={end}", *p["dataset_overrides"].split())
+        return build_dataset_command(get_current_context())
 
     @task.branch
     def enough_feedback(built: str) -> str:
