@@ -35,6 +35,9 @@ from serving.serve import BackgroundServer, Config
 
 REPO = Path(__file__).resolve().parent.parent
 SECRET = "test-secret"
+# A registered model of our own: other packages' tests promote versions of flywheel-assistant in the
+# same session's MLflow, and this server must start on the base.
+MODEL_NAME = "serving-test-assistant"
 OUTAGE_S = float(os.environ.get("FLYWHEEL_TEST_OUTAGE_S", "8"))  # the acceptance run uses 60
 
 
@@ -81,7 +84,7 @@ def register(base_path: str, seed: int, alias: str | None = None):  # noqa: ANN2
     registry.client()
     mlflow.set_experiment("serving-tests")
     with mlflow.start_run() as run:
-        return registry.register_adapter(folder, run.info.run_id, alias=alias)
+        return registry.register_adapter(folder, run.info.run_id, name=MODEL_NAME, alias=alias)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +92,8 @@ def server(stack, tiny_model, tmp_path_factory):
     var = tmp_path_factory.mktemp("serving")
     cfg = load_config(Config, REPO / "serving/configs/serve.tiny.yaml", [
         "http.port=0", f"http.token_secret={SECRET}", "http.feedback_per_minute=60", "http.feedback_burst=10",
-        "registry.poll_interval_s=0.5", f"registry.adapters_dir={var / 'adapters'}",
+        "registry.poll_interval_s=0.5", f"registry.model_name={MODEL_NAME}",
+        f"registry.adapters_dir={var / 'adapters'}",
         f"events.spool_dir={var / 'spool'}", "events.delivery_timeout_ms=3000", "events.retry_interval_s=0.5",
         "generation.max_tokens=16", "batching.max_wait_ms=20",
     ])
@@ -275,7 +279,7 @@ def test_promotion_under_load_switches_without_failures(server, tiny_model):
         th.start()
     time.sleep(1.5)
     promoted = time.monotonic()
-    registry.set_alias("champion", v2.version)
+    registry.set_alias("champion", v2.version, name=MODEL_NAME)
     seen_new = None
     while time.monotonic() - promoted < 10 and seen_new is None:
         seen_new = next((t for t, v in results if t > promoted and v == v2.label), None)
