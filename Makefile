@@ -11,7 +11,7 @@ export TOKENIZERS_PARALLELISM := false
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
 
-setup:  ## create/refresh .venv, .venv-airflow, s3rver from the locks (skipped when unchanged)
+setup:  ## create/refresh .venv and .venv-airflow from the locks (skipped when unchanged)
 	@bash infra/setup.sh
 
 lock:  ## re-resolve infra/requirements.in into infra/requirements.lock (after changing dependencies)
@@ -20,7 +20,7 @@ lock:  ## re-resolve infra/requirements.in into infra/requirements.lock (after c
 models: setup  ## provision SmolLM2-135M-Instruct, the tiny test model and MiniLM under var/models
 	$(PY) -m infra.models
 
-stack-up: setup  ## start broker + S3 emulator + MLflow (STACK_ARGS=--with-airflow for the Airflow UI)
+stack-up: setup  ## start broker + S3 store + MLflow (STACK_ARGS=--with-airflow for the Airflow UI)
 	$(PY) -m infra.stack up $(STACK_ARGS)
 
 stack-down:  ## stop everything the stack started (by pid file)

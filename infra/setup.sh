@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make setup`: create/refresh .venv, .venv-airflow and the S3 emulator from the committed locks.
+# `make setup`: create/refresh .venv and .venv-airflow from the committed locks.
 # Idempotent: each part keeps a stamp with the hash of its lock files and is skipped when unchanged.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,13 +32,4 @@ if [[ "$(cat .venv-airflow/.flywheel-stamp 2>/dev/null)" != "$af_hash" ]]; then
   echo "$af_hash" > .venv-airflow/.flywheel-stamp
 else
   echo "setup: .venv-airflow up to date"
-fi
-
-s3_hash=$(hash_of infra/s3rver/package-lock.json)
-if [[ "$(cat infra/s3rver/node_modules/.flywheel-stamp 2>/dev/null)" != "$s3_hash" ]]; then
-  echo "setup: installing the S3 emulator (s3rver, npm) ..."
-  (cd infra/s3rver && npm ci --no-audit --no-fund --loglevel=error)
-  echo "$s3_hash" > infra/s3rver/node_modules/.flywheel-stamp
-else
-  echo "setup: s3rver up to date"
 fi

