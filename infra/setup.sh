@@ -13,7 +13,7 @@ if [[ "$(cat .venv/.flywheel-stamp 2>/dev/null)" != "$main_hash" ]]; then
   echo "setup: installing the project environment .venv (a few minutes on a cold machine) ..."
   [[ -x .venv/bin/python ]] || "$PYTHON" -m venv .venv
   .venv/bin/pip install -q --disable-pip-version-check -r infra/requirements.lock 2>&1 | grep -v "is ignored: it is neither" || true
-  .venv/bin/pip install -q --disable-pip-version-check --no-deps -r infra/requirements-nodeps.txt
+  .venv/bin/pip install -q --disable-pip-version-check --no-deps -r infra/requirements-nodeps.txt 2>&1 | grep -v "is ignored: it is neither" || true
   .venv/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
   .venv/bin/python -c "import torch, transformers, peft, trl, mlflow, pyspark, kafka, fastapi" \
     || { echo "setup: the project environment does not import; see the pip output above" >&2; exit 1; }
