@@ -24,6 +24,9 @@ of one run can see different load, so the ratio is noisy), SmolLM2-135M, 8 pairs
   1 thread, load 5.5:   baseline 54 tok/s, project 115 tok/s -> 2.13x; 62 GFLOP/s = 29.8% of bf16 peak 208
   2 threads, load 3.1:  baseline 43 tok/s, project 199 tok/s -> 4.58x; 107 GFLOP/s = 25.4% of bf16 peak 421
   2 threads, load 5.1:  baseline 12 tok/s, project 18 tok/s  -> 1.56x (spinning OpenMP threads on busy cores)
+  2 threads, load 0.5-1.8 (quietest run): baseline 77 tok/s (12.2 s/step), project 155 tok/s (6.1 s/step)
+                        -> 2.00x (1.80x with the precompute amortised over 3 epochs); 83 GFLOP/s = 22.3% of 373
+  The 4.58x run had a busier baseline phase; ~2.0-2.1x is the fair figure: targets (2.5x, 35%) not met.
 """
 
 from __future__ import annotations
