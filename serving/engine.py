@@ -6,13 +6,16 @@ forward pass per token. Each row keeps its own sampling parameters, seed, token 
 adapter (serving/lora.py: stacked adapters, one gathered matmul per layer; PEFT's own mixed-adapter
 path was measured 1.8-2.6x slower per step), so a batch never has to be split by adapter or
 temperature. Rows that finish are dropped from the KV cache, so one long answer does
-not make the short ones pay for padding.
+not make the short ones pay for padding, and queued requests join the running batch between decode
+steps (continuous batching: their prompts are prefilled and their cache left-padded to the batch's
+length), so a new request never waits for a long batch to end.
 
 We decode with our own loop instead of `generate()` because `generate()` takes one set of sampling
 parameters per call, cannot stream per row, and we need each chosen token's log-probability under
 the serving model (the `completion_logprob` of the response event) anyway.
 
-Adapter loads and unloads run on the worker thread between batches, so a forward pass never sees a
+Adapter loads and unloads run on the worker thread between batches (while one waits, no request
+joins the running batch, so it drains), so a forward pass never sees a
 half-loaded adapter; a request keeps the adapter name it was admitted with, so in-flight requests
 finish on the adapter they started with when the champion moves.
 """
@@ -29,6 +32,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -83,11 +87,78 @@ def pick_dtype(dtype: str) -> torch.dtype:
     return table[dtype]
 
 
+def _generator(seed: int | None) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(seed if seed is not None else random.getrandbits(63))
+    return g
+
+
+@dataclass
+class _Row:
+    """One request being decoded: its sampler and what it has produced so far."""
+
+    req: GenRequest
+    gen: torch.Generator
+    tokens: list[int] = field(default_factory=list)
+    logprob: float = 0.0
+    sent: str = ""  # the text already streamed
+
+
+@dataclass
+class _Batch:
+    """The rows being decoded together, their KV cache, attention mask ([B, L], left-padded), each
+    row's last position id ([B, 1]) and the logits of their next token."""
+
+    rows: list[_Row]
+    past: Any
+    attn: torch.Tensor
+    pos: torch.Tensor
+    logits: torch.Tensor
+
+    def mergeable(self) -> bool:
+        """Continuous batching edits the cache tensors directly, which is exact for plain (non-sliding,
+        non-quantized) layers; other cache types just finish their batch first."""
+        from transformers.cache_utils import DynamicLayer
+
+        return all(type(layer) is DynamicLayer for layer in getattr(self.past, "layers", [None]))
+
+    def select(self, keep: list[int]) -> None:
+        """Keep only these rows, then drop cache columns that no remaining row attends to."""
+        idx = torch.tensor(keep, device=self.attn.device)
+        self.rows = [self.rows[j] for j in keep]
+        if not keep:
+            return
+        self.past.batch_select_indices(idx)
+        self.attn, self.pos, self.logits = self.attn[idx], self.pos[idx], self.logits[idx]
+        first = int(self.attn.any(0).nonzero()[0])
+        if first > 0 and self.mergeable():
+            self.attn = self.attn[:, first:]
+            for layer in self.past.layers:
+                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+
+    def merge(self, other: _Batch) -> _Batch:
+        """Stack two batches' rows; the shorter cache is left-padded (masked) to the longer one."""
+        width = max(self.attn.shape[1], other.attn.shape[1])
+        for b in (self, other):
+            pad = width - b.attn.shape[1]
+            if pad:
+                b.attn = torch.nn.functional.pad(b.attn, (pad, 0))
+                for layer in b.past.layers:
+                    layer.keys = torch.nn.functional.pad(layer.keys, (0, 0, pad, 0))
+                    layer.values = torch.nn.functional.pad(layer.values, (0, 0, pad, 0))
+        for mine, theirs in zip(self.past.layers, other.past.layers, strict=True):
+            mine.keys = torch.cat([mine.keys, theirs.keys])
+            mine.values = torch.cat([mine.values, theirs.values])
+        return _Batch(self.rows + other.rows, self.past, torch.cat([self.attn, other.attn]),
+                      torch.cat([self.pos, other.pos]), torch.cat([self.logits, other.logits]))
+
+
 class Engine:
     """The base model, its tokenizer, its loaded adapters and the batching worker."""
 
     def __init__(self, model_path: str, dtype: str = "auto", device: str = "auto", max_batch: int = 8,
-                 max_wait_ms: float = 10.0, threads: int | None = None, merge_hot: bool = True):
+                 max_wait_ms: float = 10.0, threads: int | None = None, merge_hot: bool = True,
+                 continuous: bool = True):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available()
@@ -110,13 +181,14 @@ class Engine:
         self.pad_id = self.tokenizer.pad_token_id
         self.context_len = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.max_batch = max_batch
+        self.continuous = continuous  # queued requests join a running batch between decode steps
         self.merge_hot = merge_hot
         self.max_wait = max_wait_ms / 1000.0
         self.adapters: dict[str, str] = {}  # PEFT name -> folder
         self._queue: queue.Queue[GenRequest | None] = queue.Queue()
         self._control: queue.Queue[tuple[Callable[[], object], Future]] = queue.Queue()
         self._stop = threading.Event()
-        self.stats = {"batches": 0, "requests": 0, "tokens": 0, "max_batch_seen": 0}
+        self.stats = {"batches": 0, "requests": 0, "tokens": 0, "max_batch_seen": 0, "joined": 0}
         self._worker = threading.Thread(target=self._run, name="serving-engine", daemon=True)
         self._worker.start()
 
@@ -150,7 +222,8 @@ class Engine:
     def state(self) -> dict:
         return {"backend": "transformers", "model_path": self.model_path, "dtype": str(self.dtype),
                 "device": str(self.device), "queue": self._queue.qsize(), "max_batch": self.max_batch,
-                "max_wait_ms": self.max_wait * 1000, **self.stats}
+                "max_wait_ms": self.max_wait * 1000,
+                "continuous": self.continuous, **self.stats}
 
     def generate(self, messages: list[dict], max_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None, adapter: str | None = None) -> GenResult:
@@ -254,79 +327,95 @@ class Engine:
             except Exception as e:  # noqa: BLE001 - handed back to the caller
                 fut.set_exception(e)
 
-    def _forward(self, ids: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, past):  # noqa: ANN001
-        return self.model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=past,
-                          use_cache=True)
+    def _forward(self, rows: list[_Row], ids: torch.Tensor, attn: torch.Tensor, pos: torch.Tensor, past):  # noqa: ANN001
+        self.lora.select([row.req.adapter for row in rows], self.device)
+        out = self.model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=past, use_cache=True)
+        return out.past_key_values, out.logits[:, -1, :]
 
-    def _decode(self, reqs: list[GenRequest]) -> None:
+    def _prefill(self, reqs: list[GenRequest]) -> _Batch | None:
+        """One forward pass over the (left-padded) prompts of newly admitted requests."""
         from transformers import DynamicCache
 
-        B = len(reqs)
+        for r in [r for r in reqs if r.adapter is not None and r.adapter not in self.adapters]:
+            r.future.set_exception(AdapterLoadError(f"adapter {r.adapter} is not loaded"))
+            reqs = [q for q in reqs if q is not r]
+        if not reqs:
+            return None
         self.stats["batches"] += 1
-        self.stats["requests"] += B
-        self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], B)
+        self.stats["requests"] += len(reqs)
         width = max(len(r.prompt_ids) for r in reqs)
-        ids = torch.full((B, width), self.pad_id, dtype=torch.long)
-        attn = torch.zeros((B, width), dtype=torch.long)
+        ids = torch.full((len(reqs), width), self.pad_id, dtype=torch.long)
+        attn = torch.zeros((len(reqs), width), dtype=torch.long)
         for i, r in enumerate(reqs):
             ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
             attn[i, width - len(r.prompt_ids):] = 1
         ids, attn = ids.to(self.device), attn.to(self.device)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        missing = [r.adapter for r in reqs if r.adapter is not None and r.adapter not in self.adapters]
-        if missing:
-            raise AdapterLoadError(f"adapter(s) {missing} are not loaded")
-        self.lora.select([r.adapter for r in reqs], self.device)
-        gens = []
-        for r in reqs:
-            g = torch.Generator()
-            g.manual_seed(r.seed if r.seed is not None else random.getrandbits(63))
-            gens.append(g)
-        out = self._forward(ids, attn, pos, DynamicCache())
-        past, logits = out.past_key_values, out.logits[:, -1, :]
-        rows = list(range(B))  # which request each live batch row belongs to
-        tokens: list[list[int]] = [[] for _ in reqs]
-        logprob = [0.0] * B
-        sent = [""] * B
-        while rows:
-            logp = torch.log_softmax(logits.float(), dim=-1)
-            next_ids = []
-            keep = []
-            for j, i in enumerate(rows):
-                r = reqs[i]
-                tok = self._sample(logp[j], r.temperature, r.top_p, gens[i])
-                logprob[i] += float(logp[j, tok])
+        rows = [_Row(r, _generator(r.seed)) for r in reqs]
+        past, logits = self._forward(rows, ids, attn, pos, DynamicCache())
+        return _Batch(rows, past, attn, pos[:, -1:], logits)
+
+    def _admit(self, room: int, live: list[GenRequest]) -> list[GenRequest]:
+        """Requests that may join the running batch now (continuous batching): none while an adapter
+        load/unload waits, so the batch drains and the control command runs between batches."""
+        out: list[GenRequest] = []
+        if not self.continuous or self._stop.is_set() or not self._control.empty():
+            return out
+        while len(out) < room:
+            try:
+                r = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if r is None:  # a control command or shutdown: admit no more
+                break
+            if r.future.set_running_or_notify_cancel():
+                out.append(r)
+        live.extend(out)  # so that a failing batch fails these too
+        self.stats["joined"] += len(out)
+        return out
+
+    def _decode(self, live: list[GenRequest]) -> None:
+        """Decode until every row is done. Finished rows leave the batch and its KV cache; queued
+        requests join it between steps (their prompts prefilled, their cache left-padded to the
+        batch's length), so a short request never waits for a long batch to end."""
+        batch = self._prefill(list(live))
+        while batch is not None and batch.rows:
+            self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(batch.rows))
+            logp = torch.log_softmax(batch.logits.float(), dim=-1)
+            keep, next_ids = [], []
+            for j, row in enumerate(batch.rows):
+                r = row.req
+                tok = self._sample(logp[j], r.temperature, r.top_p, row.gen)
+                row.logprob += float(logp[j, tok])
                 done = None
                 if tok in self.eos_ids:
                     done = "stop"
                 else:
-                    tokens[i].append(tok)
-                    if len(tokens[i]) >= r.max_tokens:
+                    row.tokens.append(tok)
+                    if len(row.tokens) >= r.max_tokens:
                         done = "length"
                 if r.on_delta is not None and done != "stop":
-                    text = self.tokenizer.decode(tokens[i], skip_special_tokens=True)
-                    if not text.endswith("\ufffd") and len(text) > len(sent[i]):
-                        r.on_delta(text[len(sent[i]):])
-                        sent[i] = text
+                    text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
+                    if not text.endswith("\ufffd") and len(text) > len(row.sent):
+                        r.on_delta(text[len(row.sent):])
+                        row.sent = text
                 if done:
-                    self._finish(r, tokens[i], done, logprob[i], sent[i])
+                    self._finish(r, row.tokens, done, row.logprob, row.sent)
                 else:
                     keep.append(j)
                     next_ids.append(tok)
-            self.stats["tokens"] += len(rows)
-            if not keep:
-                break
-            if len(keep) < len(rows):  # drop finished rows from the cache and the batch
-                idx = torch.tensor(keep, device=self.device)
-                past.batch_select_indices(idx)
-                attn, pos = attn[idx], pos[idx]
-                rows = [rows[j] for j in keep]
-                self.lora.keep_rows(idx)
-            attn = torch.cat([attn, torch.ones((len(rows), 1), dtype=attn.dtype, device=self.device)], dim=-1)
-            pos = pos[:, -1:] + 1
-            step_ids = torch.tensor(next_ids, device=self.device).unsqueeze(-1)
-            out = self._forward(step_ids, attn, pos, past)
-            past, logits = out.past_key_values, out.logits[:, -1, :]
+            self.stats["tokens"] += len(batch.rows)
+            if len(keep) < len(batch.rows):
+                batch.select(keep)
+            if batch.rows:
+                batch.attn = torch.cat([batch.attn, batch.attn.new_ones((len(batch.rows), 1))], dim=-1)
+                batch.pos = batch.pos + 1
+                step_ids = torch.tensor(next_ids, device=self.device).unsqueeze(-1)
+                batch.past, batch.logits = self._forward(batch.rows, step_ids, batch.attn, batch.pos, batch.past)
+            new = self._admit(self.max_batch - len(batch.rows), live) if batch.mergeable() else []
+            joined = self._prefill(new) if new else None
+            if joined is not None:
+                batch = batch.merge(joined) if batch.rows else joined
 
     def _finish(self, r: GenRequest, toks: list[int], reason: str, logprob: float, sent: str) -> None:
         text = self.tokenizer.decode(toks, skip_special_tokens=True)

@@ -75,6 +75,8 @@ class BatchingConfig:
 
     max_batch: int = 8
     max_wait_ms: float = 10.0
+    # Queued requests join the running decode loop between steps instead of waiting for it to end.
+    continuous: bool = True
 
 
 @dataclass
@@ -165,7 +167,8 @@ def build(cfg: Config):  # noqa: ANN201 - returns serving.app.Service
 
         backend = Engine(endpoints.model_path(cfg.model.base), dtype=cfg.model.dtype, device=cfg.model.device,
                          max_batch=cfg.batching.max_batch, max_wait_ms=cfg.batching.max_wait_ms,
-                         threads=cfg.model.threads or None, merge_hot=cfg.model.merge_champion)
+                         threads=cfg.model.threads or None, merge_hot=cfg.model.merge_champion,
+                         continuous=cfg.batching.continuous)
     router = AdapterRouter(backend, base_model=cfg.model.base, model_name=cfg.registry.model_name,
                            adapters_dir=Path(cfg.registry.adapters_dir or var / "adapters"),
                            champion_alias=cfg.registry.champion_alias,

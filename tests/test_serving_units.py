@@ -104,6 +104,42 @@ def test_engine_batches_equal_single_requests(tiny_model):
         engine.close()
 
 
+def test_requests_join_a_running_batch(tiny_model):
+    """Continuous batching: requests queued while a long answer decodes join its batch (prefilled,
+    cache left-padded), finish before it, and get the same greedy answers as alone."""
+    import threading
+
+    from serving.engine import Engine
+
+    engine = Engine(tiny_model, max_batch=8, max_wait_ms=0, threads=1)
+    try:
+        long_prompt = [{"role": "user", "content": "tell me a long story"}]
+        shorts = [[{"role": "user", "content": "hi " + "there " * k}] for k in range(4)]
+        alone = [engine.generate(p, max_tokens=6) for p in shorts]
+        long_alone = engine.generate(long_prompt, max_tokens=80)
+        assert long_alone.completion_tokens == 80 or long_alone.finish_reason == "stop"
+
+        first_token = threading.Event()
+        done_order: list[str] = []
+        long_fut = engine.start(long_prompt, 80, 0.0, 1.0, None, None, on_delta=lambda _t: first_token.set())
+        long_fut.add_done_callback(lambda _f: done_order.append("long"))
+        assert first_token.wait(30)
+        futs = []
+        for p in shorts:
+            f = engine.start(p, 6, 0.0, 1.0, None, None)
+            f.add_done_callback(lambda _f: done_order.append("short"))
+            futs.append(f)
+        joined = [f.result(timeout=60) for f in futs]
+        assert long_fut.result(timeout=60).text == long_alone.text
+        assert engine.stats["joined"] >= 1, engine.stats
+        assert done_order[-1] == "long", done_order  # the short ones did not wait for the long one
+        for a, b in zip(alone, joined, strict=True):
+            assert a.text == b.text and a.finish_reason == b.finish_reason
+            assert a.logprob == pytest.approx(b.logprob, abs=0.1)
+    finally:
+        engine.close()
+
+
 def test_multi_lora_matches_peft(tiny_model):
     """Logits of a mixed batch (base, adapter 1, adapter 2 rows) through serving.lora equal PEFT's
     for each row's adapter alone (fp32), including a rank-padded adapter and after an unload."""

@@ -10,6 +10,8 @@
                layers, like training's): hot (merged, as the champion is served) and unmerged
                (gathered LoRA matmuls), and a 50/50 base/adapter mix, vs the base. Target overhead
                <= 15%.
+  continuous   tokens/s and mean latency with 16 clients and mixed answer lengths, continuous batching
+               (requests join the running batch) vs static (they wait for it to end).
   switch       time for the server to move to a newly promoted champion: cold (download + load at
                promotion) vs prefetched (the version was @challenger first, so only routing moves).
 
@@ -157,27 +159,32 @@ def smollm2_engine():
     engine.close()
 
 
-def _tokens_per_s(engine, concurrency: int, n_requests: int, max_tokens: int,  # noqa: ANN001
+def _tokens_per_s(engine, concurrency: int, n_requests: int, max_tokens: int | list[int],  # noqa: ANN001
                   adapters: list[str | None]) -> dict:
+    """Closed-loop load: `concurrency` clients, each sending its next request when one finishes.
+    A list of max_tokens is cycled over the requests (answers of mixed lengths, as in real traffic)."""
     from serving.engine import GenRequest
 
+    limits = max_tokens if isinstance(max_tokens, list) else [max_tokens]
     reqs = []
     for i in range(n_requests):
-        ids = engine.encode([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], max_tokens)
-        reqs.append((ids, adapters[i % len(adapters)], i))
+        limit = limits[i % len(limits)]
+        ids = engine.encode([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], limit)
+        reqs.append((ids, limit, adapters[i % len(adapters)], i))
     sem = threading.Semaphore(concurrency)
-    futures = []
+    futures, latencies = [], []
     t0 = time.perf_counter()
-    for ids, adapter, i in reqs:
+    for ids, limit, adapter, i in reqs:
         sem.acquire()
-        fut = engine.submit(GenRequest(ids, max_tokens, 0.7, 0.95, seed=i, adapter=adapter))
-        fut.add_done_callback(lambda _f: sem.release())
+        sent = time.perf_counter()
+        fut = engine.submit(GenRequest(ids, limit, 0.7, 0.95, seed=i, adapter=adapter))
+        fut.add_done_callback(lambda _f, sent=sent: (latencies.append(time.perf_counter() - sent), sem.release()))
         futures.append(fut)
     results = [f.result() for f in futures]
     seconds = time.perf_counter() - t0
     tokens = sum(r.completion_tokens for r in results)
     return {"concurrency": concurrency, "requests": n_requests, "tokens": tokens, "seconds": round(seconds, 2),
-            "tokens_per_s": round(tokens / seconds, 1)}
+            "tokens_per_s": round(tokens / seconds, 1), "mean_latency_s": round(statistics.mean(latencies), 2)}
 
 
 def test_batching_speedup(smollm2_engine):
@@ -189,6 +196,26 @@ def test_batching_speedup(smollm2_engine):
     save("batching", {"model": "smollm2", "baseline_concurrency_1": base1, "concurrency_8": c8,
                       "batches_at_c8": engine.stats["batches"] - batches_before,
                       "ratio_c8_vs_c1": round(ratio, 2), "target_ratio": 4.0})
+
+
+def test_continuous_batching(smollm2_engine):
+    """16 clients, answers capped at 24..160 tokens: requests joining the running batch between steps
+    (continuous) vs waiting for the whole batch to end (static), same requests and seeds."""
+    engine = smollm2_engine
+    engine.max_batch = 16
+    limits = [24, 160, 48, 96]
+    try:
+        engine.continuous = False
+        static = _tokens_per_s(engine, 16, 48, limits, [None])
+        engine.continuous = True
+        joined_before = engine.stats["joined"]
+        continuous = _tokens_per_s(engine, 16, 48, limits, [None])
+        continuous["joined"] = engine.stats["joined"] - joined_before
+    finally:
+        engine.max_batch, engine.continuous = 8, True
+    save("continuous", {"model": "smollm2", "baseline_static": static, "continuous": continuous,
+                        "ratio_tokens_per_s": round(continuous["tokens_per_s"] / static["tokens_per_s"], 2),
+                        "ratio_mean_latency": round(continuous["mean_latency_s"] / static["mean_latency_s"], 2)})
 
 
 def test_adapter_overhead(smollm2_engine):
