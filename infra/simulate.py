@@ -204,13 +204,17 @@ class Simulation:
         with ThreadPoolExecutor(cfg.concurrency) as pool, tqdm(total=len(jobs), desc=f"simulate {cfg.mode}",
                                                                 unit="chat", file=sys.stderr) as bar:
             futures = [pool.submit(self.session, u, p) for u, p in jobs]
-            for f in futures:
-                try:
-                    f.result()
-                except Exception as e:  # one failed session must not hide the others; reported below
-                    errors.append(str(e))
-                bar.update(1)
-                bar.set_postfix(liked=f"{sum(self.liked_truth) / max(1, len(self.liked_truth)):.2f}")
+            try:
+                for f in futures:
+                    try:
+                        f.result()
+                    except Exception as e:  # one failed session must not hide the others; reported below
+                        errors.append(str(e))
+                    bar.update(1)
+                    bar.set_postfix(liked=f"{sum(self.liked_truth) / max(1, len(self.liked_truth)):.2f}")
+            except BaseException:  # Ctrl-C: drop the queued sessions instead of finishing them all
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
         summary = {
             "mode": cfg.mode,
             "prompts": cfg.prompts,

@@ -77,6 +77,24 @@ def test_zero_weight_pair_has_no_value_or_gradient() -> None:
     assert c.grad[2] == 0 and r.grad[2] == 0
 
 
+def test_sft_term_by_hand() -> None:
+    """sft_alpha adds alpha x per-token NLL of the chosen answer to each pair's loss, weighted alike.
+    One pair, Δ = 0 (loss log 2), chosen log-prob -6 over 3 tokens (NLL 2/token), alpha 0.5:
+    log 2 + 0.5 * 2. A weight-0 pair still contributes nothing."""
+    import math
+
+    z = torch.tensor([0.0])
+    loss = weighted_dpo_loss(z, z, torch.tensor([1.0]), beta=0.1, chosen_lengths=torch.tensor([3]),
+                             rejected_lengths=torch.tensor([3]), sft_alpha=0.5, chosen_logps=torch.tensor([-6.0]))
+    assert loss.item() == pytest.approx(math.log(2) + 1.0)
+    two = weighted_dpo_loss(torch.zeros(2), torch.zeros(2), torch.tensor([1.0, 0.0]), beta=0.1,
+                            chosen_lengths=torch.tensor([3, 1]), rejected_lengths=torch.tensor([3, 1]),
+                            sft_alpha=0.5, chosen_logps=torch.tensor([-6.0, -100.0]))
+    assert two.item() == pytest.approx(loss.item())
+    with pytest.raises(ValueError, match="chosen_logps"):
+        weighted_dpo_loss(z, z, torch.tensor([1.0]), beta=0.1, sft_alpha=0.5)
+
+
 # --- the trainer ---------------------------------------------------------------------------------
 
 def _trainer_run(tiny_model: str, rows: list[dict], out: Path) -> dict[str, torch.Tensor]:

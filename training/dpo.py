@@ -47,7 +47,8 @@ class Config:
     Data:          dataset_version (a version id or `latest`), max_train_pairs (0 = all), use_weights
     Model:         base_model (tiny | smollm2 | path | HF id), init_from (champion | base | models:/... | folder),
                    lora.{r, alpha, dropout, target_modules}
-    Objective:     loss_type (sigmoid | ipo | robust), beta, label_smoothing (robust: assumed label-flip rate)
+    Objective:     loss_type (sigmoid | ipo | robust), beta, label_smoothing (robust: assumed label-flip rate),
+                   sft_alpha (weight of the chosen answers' per-token NLL added to the loss; 0 = plain DPO)
     Optimisation:  learning_rate, epochs, max_steps (overrides epochs when > 0), batch_size, grad_accum,
                    max_length, warmup_ratio, lr_scheduler, seed
     Speed:         precision (auto | bf16 | fp16 | fp32), threads (CPU threads, 0 = default), precompute_ref,
@@ -66,6 +67,7 @@ class Config:
     loss_type: str = "sigmoid"
     beta: float = 0.1
     label_smoothing: float = 0.0
+    sft_alpha: float = 0.0
     learning_rate: float = 2e-4
     epochs: float = 3.0
     max_steps: int = 0
@@ -112,8 +114,10 @@ class WeightedDPOTrainer(DPOTrainer):
 
     Only the loss and the metrics are replaced; tokenisation, reference handling (adapter disabled,
     a frozen copy of the start adapter, or precomputed log-probs), checkpointing and distribution are
-    TRL's. Supports loss_type sigmoid | ipo | robust.
+    TRL's. Supports loss_type sigmoid | ipo | robust, plus an optional NLL term on the chosen answers.
     """
+
+    sft_alpha: float = 0.0  # weight of the chosen answers' per-token NLL (RPO); set from Config.sft_alpha
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -145,7 +149,8 @@ class WeightedDPOTrainer(DPOTrainer):
         lengths = completion_mask[..., 1:].sum(dim=1)
         chosen_len, rejected_len = lengths.chunk(2, dim=0)
         loss = weighted_dpo_loss(chosen_lr, rejected_lr, weights.to(chosen_lr.device), self.beta,
-                                 self.loss_types[0], self.label_smoothing, chosen_len, rejected_len)
+                                 self.loss_types[0], self.label_smoothing, chosen_len, rejected_len,
+                                 sft_alpha=self.sft_alpha, chosen_logps=chosen_logps)
 
         # Metrics over the pairs that count (weight > 0), gathered across processes.
         acc = self.accelerator.gather_for_metrics
@@ -261,6 +266,7 @@ def main(cfg: Config) -> dict[str, Any]:
                                  processing_class=tokenizer, peft_config=peft_config, callbacks=[metrics_cb],
                                  data_collator=WeightedPreferenceCollator(
                                      pad_token_id=tokenizer.pad_token_id, max_length=cfg.max_length))
+    trainer.sft_alpha = cfg.sft_alpha
 
     tags = {"trainer": "dpo", "dataset_version": version, "base_model": cfg.base_model, "start": start.label,
             "device": hw.device, "precision": hw.precision}

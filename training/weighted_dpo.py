@@ -14,6 +14,7 @@ Per-pair losses (Δ = chosen_logratio - rejected_logratio, logratio = log pi(y|x
   ipo      (Δ_len - 1 / (2 beta))^2, Δ_len uses per-token log-ratios   (Azar et al. 2023; TRL's length norm)
   robust   (-(1-eps) log sigma(beta Δ) + eps log sigma(-beta Δ)) / (1 - 2 eps)   (Chowdhury et al. 2024),
            unbiased under a label-flip rate eps: for noisy thumbs feedback
+Optionally + sft_alpha * NLL(chosen) per token (RPO), against over-optimisation on small datasets.
 """
 
 from __future__ import annotations
@@ -58,8 +59,18 @@ def weighted_mean(losses: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 def weighted_dpo_loss(chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, weights: torch.Tensor,
                       beta: float, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
                       chosen_lengths: torch.Tensor | None = None,
-                      rejected_lengths: torch.Tensor | None = None) -> torch.Tensor:
-    """The batch loss: weighted mean of `pair_losses`."""
+                      rejected_lengths: torch.Tensor | None = None,
+                      sft_alpha: float = 0.0, chosen_logps: torch.Tensor | None = None) -> torch.Tensor:
+    """The batch loss: weighted mean of `pair_losses`, plus `sft_alpha` x the chosen answers' per-token
+    negative log-likelihood under the policy when sft_alpha > 0 (RPO, Pang et al. 2024), weighted alike.
+
+    The NLL term keeps the chosen answers likely. Without it DPO can push both answers of every pair
+    down and drift into text neither held (the demo's SmolLM2 run learned "1. ****\n2. ****").
+    """
     losses = pair_losses(chosen_logratios, rejected_logratios, beta, loss_type, label_smoothing,
                          chosen_lengths, rejected_lengths)
+    if sft_alpha > 0:
+        if chosen_logps is None or chosen_lengths is None:
+            raise ValueError("sft_alpha > 0 needs chosen_logps and chosen_lengths")
+        losses = losses + sft_alpha * (-chosen_logps / chosen_lengths.clamp(min=1).to(chosen_logps.dtype))
     return weighted_mean(losses, weights)
