@@ -40,7 +40,7 @@ test: setup  ## install and run the test suite (tiny model, real broker/Spark/ML
 
 bench: setup  ## benchmarks under tests/benchmarks, each against its baseline in the same run
 	$(PY) -m infra.models
-	$(PY) -m pytest -q -s tests/benchmarks $(PYTEST_ARGS)
+	$(PY) -m pytest -q -s -o python_files="bench_*.py" tests/benchmarks $(PYTEST_ARGS)
 
 lint:  ## ruff
 	$(PY) -m ruff check .
