@@ -74,6 +74,7 @@ class GenRequest:
     seed: int | None = None
     adapter: str | None = None  # PEFT adapter name; None = base model
     on_delta: Callable[[str], None] | None = None  # called from the worker thread with new text
+    ignore_eos: bool = False  # always generate max_tokens (benchmarks: equal work per setting, as vLLM's)
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.monotonic)
 
@@ -217,7 +218,7 @@ class Engine:
               adapter: str | None, on_delta: Callable[[str], None] | None = None) -> Future:
         """Queue one chat request; the future resolves to a GenResult. Raises PromptTooLong at once."""
         ids = self.encode(messages, max_tokens)
-        return self.submit(GenRequest(ids, max_tokens, temperature, top_p, seed, adapter, on_delta))
+        return self.submit(GenRequest(ids, max_tokens, temperature, top_p, seed=seed, adapter=adapter, on_delta=on_delta))
 
     def state(self) -> dict:
         return {"backend": "transformers", "model_path": self.model_path, "dtype": str(self.dtype),
@@ -229,7 +230,7 @@ class Engine:
                  seed: int | None = None, adapter: str | None = None) -> GenResult:
         """Blocking convenience wrapper (benchmarks, scripts)."""
         ids = self.encode(messages, max_tokens)
-        return self.submit(GenRequest(ids, max_tokens, temperature, top_p, seed, adapter)).result()
+        return self.submit(GenRequest(ids, max_tokens, temperature, top_p, seed=seed, adapter=adapter)).result()
 
     # --- adapters (run on the worker thread, between batches) ---------------------------------
 
@@ -388,7 +389,7 @@ class Engine:
                 tok = self._sample(logp[j], r.temperature, r.top_p, row.gen)
                 row.logprob += float(logp[j, tok])
                 done = None
-                if tok in self.eos_ids:
+                if tok in self.eos_ids and not r.ignore_eos:
                     done = "stop"
                 else:
                     row.tokens.append(tok)

@@ -160,9 +160,11 @@ def smollm2_engine():
 
 
 def _tokens_per_s(engine, concurrency: int, n_requests: int, max_tokens: int | list[int],  # noqa: ANN001
-                  adapters: list[str | None]) -> dict:
+                  adapters: list[str | None], ignore_eos: bool = False) -> dict:
     """Closed-loop load: `concurrency` clients, each sending its next request when one finishes.
-    A list of max_tokens is cycled over the requests (answers of mixed lengths, as in real traffic)."""
+    A list of max_tokens is cycled over the requests (answers of mixed lengths, as in real traffic).
+    `ignore_eos` makes every answer exactly max_tokens long, so settings whose answers differ in
+    length (an adapter vs the base) still do the same work."""
     from serving.engine import GenRequest
 
     limits = max_tokens if isinstance(max_tokens, list) else [max_tokens]
@@ -177,7 +179,7 @@ def _tokens_per_s(engine, concurrency: int, n_requests: int, max_tokens: int | l
     for ids, limit, adapter, i in reqs:
         sem.acquire()
         sent = time.perf_counter()
-        fut = engine.submit(GenRequest(ids, limit, 0.7, 0.95, seed=i, adapter=adapter))
+        fut = engine.submit(GenRequest(ids, limit, 0.7, 0.95, seed=i, adapter=adapter, ignore_eos=ignore_eos))
         fut.add_done_callback(lambda _f, sent=sent: (latencies.append(time.perf_counter() - sent), sem.release()))
         futures.append(fut)
     results = [f.result() for f in futures]
@@ -227,12 +229,12 @@ def test_adapter_overhead(smollm2_engine):
     engine.set_hot("bench-adapter_1")  # as the server does for its champion
     # Interleaved rounds, so that all settings see the same (shared, busy) machine.
     runs: dict[str, list[dict]] = {"base": [], "adapter_hot": [], "mixed_50_50": [], "adapter_unmerged": []}
-    for _ in range(2):
-        runs["base"].append(_tokens_per_s(engine, 8, 16, 48, [None]))
-        runs["adapter_hot"].append(_tokens_per_s(engine, 8, 16, 48, ["bench-adapter_1"]))
-        runs["mixed_50_50"].append(_tokens_per_s(engine, 8, 16, 48, [None, "bench-adapter_1"]))
+    for _ in range(2):  # every answer 48 tokens (ignore_eos): same work in every setting
+        runs["base"].append(_tokens_per_s(engine, 8, 16, 48, [None], ignore_eos=True))
+        runs["adapter_hot"].append(_tokens_per_s(engine, 8, 16, 48, ["bench-adapter_1"], ignore_eos=True))
+        runs["mixed_50_50"].append(_tokens_per_s(engine, 8, 16, 48, [None, "bench-adapter_1"], ignore_eos=True))
         engine.set_hot(None)
-        runs["adapter_unmerged"].append(_tokens_per_s(engine, 8, 16, 48, ["bench-adapter_1"]))
+        runs["adapter_unmerged"].append(_tokens_per_s(engine, 8, 16, 48, ["bench-adapter_1"], ignore_eos=True))
         engine.set_hot("bench-adapter_1")
     tps = {k: round(sum(r["tokens"] for r in v) / sum(r["seconds"] for r in v), 1) for k, v in runs.items()}
     step = _step_ms(engine, "bench-adapter_1")
