@@ -8,6 +8,7 @@ events it cannot send go to the spool and are replayed by the next start.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import secrets
@@ -203,6 +204,10 @@ def main(cfg: Config) -> None:
     # loop to get the GIL back (measured p50 3.2 ms -> see tests/benchmarks/bench_serving.py).
     sys.setswitchinterval(cfg.http.gil_switch_interval_ms / 1000)
     service = build(cfg)
+    # Move everything loaded so far (torch, transformers, the model) out of the collector's reach:
+    # a full collection otherwise walks those millions of objects, in the middle of some request.
+    gc.collect()
+    gc.freeze()
     log.info("serving %s on http://%s:%d (backend %s)", service.served_name, cfg.http.host, cfg.http.port,
              cfg.backend)
     try:
