@@ -239,7 +239,7 @@ def _arrow_rows_schema():  # noqa: ANN202
 
 
 class _Laps:
-    """Seconds per step (Spark is lazy: a step's time is that of the actions it runs)."""
+    """Seconds per step: `lap(name)` closes step `name` (Spark is lazy: a step costs the actions it runs)."""
 
     def __init__(self) -> None:
         self.laps: dict[str, float] = {}
@@ -323,7 +323,7 @@ def build(cfg: Config, spark=None) -> dict:  # noqa: ANN001
     fb = (fb_raw.where((F.col("created_at") >= F.lit(start)) & (F.col("created_at") < F.lit(end)))
           .dropDuplicates(["event_id"]))
 
-    timings.lap('2. PII scrubbing')
+    timings.lap("1. read")  # lazy: the reads run in the actions below
     # 2. PII scrubbing (matches counted on the text each rule sees, before it replaces them) and
     # 3. the normalised prompt; one projection each, materialised once (localCheckpoint) because
     #    everything below reads them several times
@@ -367,7 +367,7 @@ def build(cfg: Config, spark=None) -> dict:  # noqa: ANN001
         filters["truncated_answers"] = int(r["truncated"] or 0)
         resp = resp.where(F.col("finish_reason") != "length")
 
-    timings.lap('4. feedback per re')
+    timings.lap("2-3. scrub + normalise")
     # 4. feedback per response, then pairing per prompt
     order = F.struct("created_at", "event_id")
     last_thumb = (fb.where(F.col("kind").isin("thumbs_up", "thumbs_down"))
@@ -396,7 +396,7 @@ def build(cfg: Config, spark=None) -> dict:  # noqa: ANN001
     rows = (answers.repartition(cfg.shuffle_partitions, "prompt_key").sortWithinPartitions("prompt_key", "response_id")
             .mapInArrow(_pair_partitions(cfg.pairing), _ROWS_SCHEMA).localCheckpoint())
 
-    timings.lap('5. poisoning defen')
+    timings.lap("4. pairing")
     # 5. poisoning defence: flag users, mark the rows using their signals
     ak = F.sha2(F.concat_ws("\u0001", "prompt_key", _near(F.col("completion"))), 256)
     labels = (last_thumb.join(resp.select("response_id", ak.alias("answer_key")), "response_id")
@@ -420,7 +420,7 @@ def build(cfg: Config, spark=None) -> dict:  # noqa: ANN001
     if cfg.poison_action == "downweight":
         rows = rows.withColumn("weight", F.when(bad, F.col("weight") * cfg.poison_weight).otherwise(F.col("weight")))
 
-    timings.lap('6. exact then near')
+    timings.lap("5. poisoning")
     # 6. exact then near duplicates: keep the heaviest (ties broken by content). Rows ranked out by an
     #    earlier filter sort last in the next window, so `rank > 1` among survivors means "a survivor
     #    with the same key came first" -- both filters in one pass, each with its own count.
@@ -437,7 +437,7 @@ def build(cfg: Config, spark=None) -> dict:  # noqa: ANN001
     rows = rows.withColumn("_near", ~gone & (F.row_number().over(
         Window.partitionBy(*near_key).orderBy(gone.asc(), *tiebreak)) > 1)).localCheckpoint()
 
-    timings.lap('per-user caps over')
+    timings.lap("6. dedupe")
     # per-user caps over what is left: no owner above max_user_share of a kind
     alive = ~(dropped_poison | F.col("_exact") | F.col("_near"))
     owner_counts = rows.where(alive).groupBy("kind", "owner").count().collect()
@@ -451,7 +451,7 @@ def build(cfg: Config, spark=None) -> dict:  # noqa: ANN001
     rows = rows.withColumn("_capped", alive & (F.row_number().over(
         Window.partitionBy("kind", "owner").orderBy((~alive).asc(), row_hash)) > cap_col))
 
-    timings.lap('7. split by prompt')
+    timings.lap("6. user caps")
     # 7. split by prompt hash
     bucket = F.pmod(F.xxhash64("prompt_id"), F.lit(10_000))
     rows = rows.withColumn("split", F.when(bucket < int(round(cfg.eval_fraction * 10_000)), "eval").otherwise("train"))
@@ -466,12 +466,12 @@ def build(cfg: Config, spark=None) -> dict:  # noqa: ANN001
     for r in rows.groupBy("kind", "split").count().collect():
         counts[r["kind"]][r["split"]] = int(r["count"])
 
-    timings.lap('8. write to a temp')
+    timings.lap("7. split + counts")
     # 8. write to a temporary folder, hash, then move into place (or discard if the version exists)
     tmp = ds_root / f".tmp-build-{os.getpid()}-{time.time_ns()}"
     try:
         files = _write(rows, tmp, counts)
-        timings.lap("write")
+        timings.lap("8. write")
         content = hashlib.sha256("".join(f"{p}\n{h}\n" for p, h in sorted(files.items())).encode()).hexdigest()
         version = "ds-" + hashlib.sha256(f"{FORMAT_VERSION}|{content}|{events_fp}".encode()).hexdigest()[:16]
         manifest_path = ds_root / "manifests" / f"{version}.json"
