@@ -2,7 +2,8 @@
 
 Both read the same N records (valid events of the contract) from the real tansu broker, each with its
 own consumer group; time runs from the first record received to the last one handled (the group join
-is excluded: it is a broker quirk, STACK-NOTES). Target: landing >= 0.7x the bare loop.
+is excluded: it is a broker quirk, STACK-NOTES). Two rounds, bare and landing alternating so that both
+see the same machine; the best round of each is compared. Target: landing >= 0.7x the bare loop.
 Writes var/bench/ingest_landing.json.   Run: make bench (or pytest -s tests/benchmarks/bench_ingest_landing.py)
 """
 
@@ -91,10 +92,14 @@ def test_bench_landing_vs_bare_loop(stack, monkeypatch, tmp_path):
 
     topics = endpoints.topics()
     n = _produce(stack, topics)
-    bare = _bare(stack, topics, n)
-    land = _landing(stack, topics, n, tmp_path / "landing")
+    bares, lands = [], []
+    for i in range(2):
+        bares.append(_bare(stack, topics, n))
+        lands.append(_landing(stack, topics, n, tmp_path / f"landing-{i}"))
+    bare, land = max(bares), max(lands)
     result = {"events": n, "bare_events_per_s": round(bare), "landing_events_per_s": round(land),
-              "ratio": round(land / bare, 3), "target_ratio": 0.7}
+              "ratio": round(land / bare, 3), "target_ratio": 0.7,
+              "rounds": {"bare": [round(x) for x in bares], "landing": [round(x) for x in lands]}}
     print("\nBENCH ingest_landing", json.dumps(result))
     out = REPO / "var" / "bench" / "ingest_landing.json"
     out.parent.mkdir(parents=True, exist_ok=True)
