@@ -97,11 +97,77 @@ def test_sft_term_by_hand() -> None:
 
 # --- the trainer ---------------------------------------------------------------------------------
 
+def test_cpu_completion_logps_match_trl_fused_head(tiny_model: str) -> None:
+    """The CPU path of completion_logps (backbone + TRL's chunked kernel on completion positions only)
+    gives TRL's fused-head sums, value and gradient, on a LoRA model with padded, masked rows."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    from training.dpo import completion_logps
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    add_fused_lm_head(model)
+    model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    ids = torch.randint(3, 500, (4, 12))
+    attention = torch.ones_like(ids)
+    attention[0, :3] = 0  # left padding
+    labels = ids.masked_fill(torch.arange(12) < torch.tensor([[6], [4], [9], [7]]), -100)
+    kwargs = {"input_ids": ids, "attention_mask": attention, "use_cache": False}
+    mine, none = completion_logps(model, kwargs, labels)
+    trl_out = model(**kwargs, labels=labels, fused_lm_head=True)
+    want = trl_out.log_probs[:, -11:].sum(dim=1)
+    assert none is None
+    assert torch.allclose(mine, want, atol=1e-5), (mine, want)
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    g_mine = torch.autograd.grad(mine.sum(), lora)
+    g_want = torch.autograd.grad(want.sum(), lora)
+    for a, b in zip(g_mine, g_want, strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_prepare_for_autocast_keeps_the_numbers(tiny_model: str) -> None:
+    """Frozen Linear weights stored in bf16, LoRA input casts off: under bf16 autocast the LoRA model
+    gives the same log-probs and LoRA gradients as before; LoRA weights, embeddings and head stay fp32."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from training.common import Hardware, prepare_for_autocast
+    from training.dpo import completion_logps
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model),
+                           LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    ids = torch.randint(3, 500, (2, 10))
+    labels = ids.masked_fill(torch.arange(10) < 4, -100)
+    kwargs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "use_cache": False}
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+
+    def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logps, _ = completion_logps(model, kwargs, labels)
+        return logps.detach(), [g.detach() for g in torch.autograd.grad(logps.sum(), lora)]
+
+    before, g_before = run()
+    converted = prepare_for_autocast(model, Hardware("cpu", "bf16", 1, "test"))
+    after, g_after = run()
+    assert converted > 0
+    assert all(p.dtype == torch.float32 for p in lora)
+    assert model.get_output_embeddings().weight.dtype == torch.float32
+    assert model.get_input_embeddings().weight.dtype == torch.float32
+    assert torch.allclose(before, after, atol=1e-3), (before, after)
+    for a, b in zip(g_before, g_after, strict=True):
+        assert torch.allclose(a, b, atol=1e-3, rtol=1e-2)
+    assert prepare_for_autocast(model, Hardware("cpu", "fp32", 1, "test")) == 0
+
+
 def _trainer_run(tiny_model: str, rows: list[dict], out: Path) -> dict[str, torch.Tensor]:
     """A few full-batch steps of WeightedDPOTrainer (no MLflow); returns the trained LoRA tensors."""
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOTrainer
 
     from training.common import detect_hardware, set_threads
     from training.dpo import Config, WeightedDPOTrainer, WeightedPreferenceCollator, _training_args
@@ -115,6 +181,11 @@ def _trainer_run(tiny_model: str, rows: list[dict], out: Path) -> dict[str, torc
         model=model, args=_training_args(cfg, detect_hardware("fp32"), out), train_dataset=Dataset.from_list(rows),
         processing_class=tok, peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
         data_collator=WeightedPreferenceCollator(pad_token_id=tok.pad_token_id, max_length=128))
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
+    ref = torch.cat(trainer.compute_ref_log_probs(trainer.model, batch))
+    want = torch.cat(DPOTrainer.compute_ref_log_probs(trainer, trainer.model, {k: v for k, v in batch.items()
+                                                                               if k != "weight"}))
+    assert torch.allclose(ref, want, atol=1e-5), (ref, want)  # the CPU path gives TRL's reference log-probs
     trainer.train()
     return {k: v.detach().clone() for k, v in trainer.model.named_parameters() if "lora_" in k}
 

@@ -80,6 +80,43 @@ def trainer_device_kwargs(hw: Hardware) -> dict[str, Any]:
     return {"use_cpu": hw.device == "cpu", "bf16": hw.precision == "bf16", "fp16": hw.precision == "fp16"}
 
 
+def policy_load_kwargs(hw: Hardware) -> dict[str, Any]:
+    """from_pretrained keys for a model to train with LoRA on `hw`. Weights load in fp32 (the trainer
+    autocasts; see store_frozen_linears). On CPU attention is the eager one: torch's CPU flash
+    attention backward took 31 ms per layer call in bf16 on SmolLM2 batches, ~15% of a DPO step,
+    where eager bmm + softmax took ~5 ms (torch.profiler, tests/benchmarks/bench_train_dpo.py)."""
+    return {"dtype": torch.float32, **({"attn_implementation": "eager"} if hw.device == "cpu" else {})}
+
+
+def prepare_for_autocast(model: torch.nn.Module, hw: Hardware) -> int:
+    """Two casts that autocast makes redundant, removed from a PEFT-wrapped model (bf16/fp16 only):
+
+    - the frozen nn.Linear weights are stored in the autocast dtype: autocast cast each fp32 weight
+      to bf16 on every forward anyway, so the numbers are the same without the copies;
+    - PEFT's LoRA layers no longer cast their input to the adapter's fp32 (autocast casts it straight
+      back to bf16 for the matmul): two activation copies per LoRA layer.
+
+    Everything else stays fp32: LoRA weights (their updates are small), embeddings and the LM head tied
+    to them, norms (the residual stream stays fp32). Returns how many weights were converted.
+    """
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(hw.precision)
+    if dtype is None:
+        return 0
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    n = 0
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = False
+        if type(module) is torch.nn.Linear and module is not head and not module.weight.requires_grad:
+            module.weight.data = module.weight.data.to(dtype)
+            if module.bias is not None:
+                module.bias.data = module.bias.data.to(dtype)
+            n += 1
+    return n
+
+
 def is_main_process() -> bool:
     """Rank 0 under `accelerate launch` / torchrun (or a plain process): the one that talks to MLflow,
     writes the adapter and registers it; the other ranks only train."""

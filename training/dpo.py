@@ -96,6 +96,39 @@ class Config:
 
 # --- the weighted trainer -------------------------------------------------------------------------
 
+def completion_logps(model: torch.nn.Module, model_kwargs: dict[str, Any],
+                     labels: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """Each sequence's summed log-probability of its completion tokens (labels != -100), and the model
+    output (None on the CPU path).
+
+    TRL's fused LM head scores every position on devices without Triton, prompts and padding too
+    (fixed tile shapes for compilers), and also computes entropy, mean logit and top-1 for metrics this
+    trainer does not log. In eager CPU training that was ~40% of a SmolLM2 step (torch.profiler,
+    tests/benchmarks/bench_train_dpo.py). On CPU this runs the backbone and TRL's own chunked
+    log-prob kernel on the completion positions only; elsewhere (CUDA, where TRL compacts already,
+    or a model wrapped for distribution) it is TRL's forward unchanged.
+    """
+    from peft import PeftModel
+    from trl.kernels import ChunkedLogProbFunction
+
+    causal_lm = model.get_base_model() if isinstance(model, PeftModel) else model
+    head = causal_lm.get_output_embeddings() if hasattr(causal_lm, "get_output_embeddings") else None
+    config = getattr(causal_lm, "config", None)
+    plain_head = config is not None and not any(
+        getattr(config.get_text_config(), k, None) is not None
+        for k in ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"))
+    if labels.device.type != "cpu" or head is None or not plain_head:
+        outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
+        return outputs.log_probs[:, -(labels.size(1) - 1):].sum(dim=1), outputs
+    hidden = causal_lm.base_model(**model_kwargs).last_hidden_state[:, :-1]
+    targets = labels[:, 1:]
+    mask = targets != -100
+    per_token, *_ = ChunkedLogProbFunction.apply(hidden[mask], head.weight, head.bias, targets[mask], 1.0, 32768,
+                                                 None, 1.0, ("log_probs",))
+    rows = mask.nonzero()[:, 0]
+    return per_token.new_zeros(mask.shape[0]).index_add(0, rows, per_token), None
+
+
 class WeightedPreferenceCollator(DataCollatorForPreference):
     """TRL's preference collator plus a `weight` tensor (one per pair)."""
 
@@ -125,7 +158,24 @@ class WeightedDPOTrainer(DPOTrainer):
             self._signature_columns = [*self._signature_columns, "weight"]
 
     def compute_ref_log_probs(self, model, inputs):  # noqa: ANN001
-        return super().compute_ref_log_probs(model, _without_weight(inputs))
+        """TRL's reference log-probs (same adapter switching), through completion_logps."""
+        inputs = _without_weight(inputs)
+        if self.ld_alpha is not None:
+            return super().compute_ref_log_probs(model, inputs)
+        from trl.trainer.dpo_trainer import disable_gradient_checkpointing, is_peft_model, use_adapter
+
+        model_kwargs = {k: v for k, v in inputs.items()
+                        if k not in ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")}
+        model_kwargs["use_cache"] = False
+        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+        adapter_context = contextlib.nullcontext()
+        if self.ref_model is None and is_peft_model(self.model):  # the "ref" copy of the start adapter, or none
+            unwrapped = self.accelerator.unwrap_model(self.model)
+            adapter_context = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+        with (torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
+              adapter_context, self.accelerator.autocast()):
+            logps, _ = completion_logps(model, model_kwargs, labels)
+        return logps.chunk(2, dim=0)
 
     def _compute_loss(self, model, inputs, return_outputs):  # noqa: ANN001
         mode = "train" if self.model.training else "eval"
@@ -136,9 +186,8 @@ class WeightedDPOTrainer(DPOTrainer):
         model_kwargs["use_cache"] = False
         completion_mask = inputs["completion_mask"]
         labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
-        outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
-        seq_len = completion_mask.size(1) - 1
-        logps = outputs.log_probs[:, -seq_len:].sum(dim=1)
+        with self.accelerator.autocast():  # the CPU path below bypasses the autocast accelerate puts on forward
+            logps, outputs = completion_logps(model, model_kwargs, labels)
         chosen_logps, rejected_logps = logps.chunk(2, dim=0)
         if self.precompute_ref_logps:
             ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
@@ -186,9 +235,10 @@ def _load_policy(cfg: Config, hw: common.Hardware, start: common.StartPoint):
     tokenizer.padding_side = "left"  # TRL requires it; generation in serving/eval uses it too
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    # Weights stay fp32 and the Trainer autocasts to bf16/fp16: the LoRA update is then accumulated in
-    # fp32 (small deltas would round away in bf16, STACK-NOTES).
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    # Weights load fp32 and the Trainer autocasts to bf16/fp16: the LoRA update is then accumulated in
+    # fp32 (small deltas would round away in bf16, STACK-NOTES). Once PEFT has frozen the base, its
+    # Linear weights are stored in bf16 (common.prepare_for_autocast: same numbers, no per-step casts).
+    model = AutoModelForCausalLM.from_pretrained(path, **common.policy_load_kwargs(hw))
     if start.adapter_dir is not None:
         return PeftModel.from_pretrained(model, str(start.adapter_dir), is_trainable=True), tokenizer, None
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
@@ -267,6 +317,7 @@ def main(cfg: Config) -> dict[str, Any]:
                                  data_collator=WeightedPreferenceCollator(
                                      pad_token_id=tokenizer.pad_token_id, max_length=cfg.max_length))
     trainer.sft_alpha = cfg.sft_alpha
+    common.prepare_for_autocast(trainer.model, hw)
 
     tags = {"trainer": "dpo", "dataset_version": version, "base_model": cfg.base_model, "start": start.label,
             "device": hw.device, "precision": hw.precision}
