@@ -90,3 +90,33 @@ def test_committed_prompt_sets_are_well_formed():
     # The refusal detector does not fire on the benign prompts themselves (they use scary words on purpose).
     assert not any(judges.is_refusal(json.loads(x)["messages"][-1]["content"])
                    for x in (DATA / "benign.jsonl").read_text().splitlines())
+
+
+def test_winrate_prompts_top_up_a_small_eval_split(monkeypatch, tmp_path):
+    """auto: the dataset's eval-split prompts first, then eval_data/heldout.jsonl up to n_winrate (no
+    prompt twice); dataset: only the split; file: only heldout.jsonl."""
+    from training import evaluate as ev
+
+    split = [{"prompt_id": f"p{i}", "prompt_json": json.dumps([{"role": "user", "content": f"q{i}"}])}
+             for i in range(3)]
+    monkeypatch.setattr(ev, "dataset_rows", lambda version, kind, split_="eval": split if kind == "dpo" else [])
+    heldout = [{"messages": [{"role": "user", "content": f"h{i}"}]} for i in range(10)]
+    heldout.append({"messages": [{"role": "user", "content": "q1"}]})  # also in the split: not taken twice
+    (tmp_path / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in heldout))
+
+    def cfg(**kw) -> ev.Config:  # noqa: ANN003
+        return ev.Config(eval_data=str(tmp_path), **kw)
+
+    prompts, label = ev.winrate_prompts(cfg(winrate_prompts="auto", n_winrate=8), "ds-x")
+    contents = [p[0]["content"] for p in prompts]
+    assert len(prompts) == 8 and len(set(contents)) == 8
+    assert set(contents[:3]) == {"q0", "q1", "q2"} and all(c.startswith("h") for c in contents[3:])
+    assert label == "dataset ds-x eval split (3) + eval_data/heldout.jsonl (5)"
+    prompts, label = ev.winrate_prompts(cfg(winrate_prompts="auto", n_winrate=2), "ds-x")
+    assert len(prompts) == 2 and label == "dataset ds-x eval split (2)"
+    prompts, _ = ev.winrate_prompts(cfg(winrate_prompts="dataset", n_winrate=8), "ds-x")
+    assert len(prompts) == 3
+    prompts, label = ev.winrate_prompts(cfg(winrate_prompts="file", n_winrate=8), "ds-x")
+    assert len(prompts) == 8 and label == "eval_data/heldout.jsonl (8)"
+    with pytest.raises(FileNotFoundError, match="winrate_prompts=dataset"):
+        ev.winrate_prompts(cfg(winrate_prompts="dataset", n_winrate=8), None)

@@ -54,7 +54,7 @@ class Config:
     Prompts:
       eval_data: folder with heldout/benign/harmful/sycophancy/regression .jsonl sets
       winrate_prompts: auto = the dataset's eval-split prompts when the candidate has a dataset version,
-        else eval_data/heldout.jsonl; dataset / file force one
+        topped up to n_winrate from eval_data/heldout.jsonl; dataset / file use only one of them
       n_winrate, n_benign, n_harmful, n_sycophancy, n_regression: prompts per set (0 skips the set)
     Generation:
       max_new_tokens, batch_size, temperature (0 = greedy), top_p, seed, dtype
@@ -189,20 +189,39 @@ def dataset_rows(version: str, kind: str, split: str = "eval") -> list[dict]:
 
 
 def winrate_prompts(cfg: Config, dataset_version: str | None) -> tuple[list[Messages], str]:
-    """Held-out prompts for the win rate, and a label of where they came from."""
+    """Held-out prompts for the win rate, and a label of where they came from.
+
+    auto: the dataset's eval-split prompts (the users' own distribution), topped up from
+    eval_data/heldout.jsonl to n_winrate when the split has fewer: a 10% split of a small window can
+    hold a dozen prompts, and a bootstrap CI over 11 prompts spans ~0.4 (demo run: 0.36-0.77), too
+    wide for the gate to tell a real improvement from none.
+    """
+    chosen: list[Messages] = []
+    label = ""
     if cfg.winrate_prompts != "file" and dataset_version:
         seen: dict[str, Messages] = {}
         for kind in ("dpo", "kto", "sft"):
             for r in dataset_rows(dataset_version, kind):
                 seen.setdefault(r["prompt_id"], json.loads(r["prompt_json"]))
-        if seen:
-            rows = [{"messages": seen[k]} for k in sorted(seen)]
-            return [r["messages"] for r in take(rows, cfg.n_winrate, cfg.seed)], f"dataset {dataset_version} eval split"
-    if cfg.winrate_prompts == "dataset":
-        raise FileNotFoundError(f"winrate_prompts=dataset but dataset version {dataset_version!r} has no eval-split "
-                                f"rows under datasets/<kind>/version=.../split=eval; build one or use winrate_prompts=file")
-    rows = read_jsonl(_data_dir(cfg) / "heldout.jsonl")
-    return [r["messages"] for r in take(rows, cfg.n_winrate, cfg.seed)], "eval_data/heldout.jsonl"
+        rows = [{"messages": seen[k]} for k in sorted(seen)]
+        chosen = [r["messages"] for r in take(rows, cfg.n_winrate, cfg.seed)]
+        label = f"dataset {dataset_version} eval split ({len(chosen)})"
+        if cfg.winrate_prompts == "dataset":
+            if not chosen:
+                raise FileNotFoundError(
+                    f"winrate_prompts=dataset but dataset version {dataset_version!r} has no eval-split rows under "
+                    f"datasets/<kind>/version=.../split=eval; build one or use winrate_prompts=file")
+            return chosen, label
+    elif cfg.winrate_prompts == "dataset":
+        raise FileNotFoundError("winrate_prompts=dataset needs a candidate with a dataset version; "
+                                "use winrate_prompts=file or auto")
+    if len(chosen) >= cfg.n_winrate:
+        return chosen, label
+    have = {json.dumps(m, sort_keys=True) for m in chosen}
+    extra = [r["messages"] for r in take(read_jsonl(_data_dir(cfg) / "heldout.jsonl"), cfg.n_winrate, cfg.seed)
+             if json.dumps(r["messages"], sort_keys=True) not in have][: cfg.n_winrate - len(chosen)]
+    source = f"eval_data/heldout.jsonl ({len(extra)})"
+    return chosen + extra, f"{label} + {source}" if label else source
 
 
 def _data_dir(cfg: Config) -> Path:
