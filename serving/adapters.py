@@ -145,7 +145,7 @@ class AdapterRouter:
         new = Routes(champion=new_champion, challenger=new_challenger if self.challenger_share > 0 else None)
         if new != old:
             if hasattr(self.backend, "set_hot") and new.champion != old.champion:
-                # merge the new champion first; batches on the old one fall back to the gathered path
+                # merge the new champion first; batches on the old one fall back to the stacked path
                 self.backend.set_hot(new.champion.name if new.champion else None)
             self.routes = new  # one assignment: requests see the old table or the new one, never a mix
             self.switches.append({"at": time.time(), "seconds": time.perf_counter() - t0,

@@ -3,7 +3,7 @@
 One worker thread owns the model. Requests from any thread are queued; the worker takes the first,
 waits up to `max_wait_ms` for more (up to `max_batch`), and decodes the whole batch with one
 forward pass per token. Each row keeps its own sampling parameters, seed, token limit and LoRA
-adapter (serving/lora.py: stacked adapters, one gathered matmul per layer; PEFT's own mixed-adapter
+adapter (serving/lora.py: stacked adapters, two matmuls per layer for any mix; PEFT's own mixed-adapter
 path was measured 1.8-2.6x slower per step), so a batch never has to be split by adapter or
 temperature. Rows that finish are dropped from the KV cache, so one long answer does
 not make the short ones pay for padding, and queued requests join the running batch between decode

@@ -203,7 +203,7 @@ class MultiLora:
     def merge(self, name: str | None) -> None:
         """Keep a merged copy of the weights for adapter `name` (None: drop it). Batches whose rows
         all use that adapter then run at base-model speed, at the cost of one more copy of the
-        targeted weights in memory; mixed batches use the gathered path."""
+        targeted weights in memory; mixed batches use the stacked path."""
         slot = self.slots.get(name) if name is not None else None
         for layer in self.layers.values():
             if slot is None:
