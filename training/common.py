@@ -82,7 +82,7 @@ def trainer_device_kwargs(hw: Hardware) -> dict[str, Any]:
 
 def policy_load_kwargs(hw: Hardware) -> dict[str, Any]:
     """from_pretrained keys for a model to train with LoRA on `hw`. Weights load in fp32 (the trainer
-    autocasts; see store_frozen_linears). On CPU attention is the eager one: torch's CPU flash
+    autocasts; see prepare_for_autocast). On CPU attention is the eager one: torch's CPU flash
     attention backward took 31 ms per layer call in bf16 on SmolLM2 batches, ~15% of a DPO step,
     where eager bmm + softmax took ~5 ms (torch.profiler, tests/benchmarks/bench_train_dpo.py)."""
     return {"dtype": torch.float32, **({"attn_implementation": "eager"} if hw.device == "cpu" else {})}
