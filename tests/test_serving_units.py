@@ -210,3 +210,26 @@ def test_merged_hot_adapter_matches_gathered_path(tiny_model):
         lora.merge(None)
         lora.select([None, None], torch.device("cpu"))
         assert torch.allclose(model(ids).logits[0], mixed[0], atol=1e-4)
+
+
+def test_nucleus_sampling_from_topk_equals_full_sort():
+    """The top-256 shortcut draws the same token as sorting the whole vocabulary, for peaky
+    distributions (nucleus inside the top 256) and flat ones (fallback to the full sort)."""
+    import torch
+
+    from serving.engine import Engine
+
+    def full_sort(logp: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
+        probs = torch.softmax(logp / temperature, dim=-1)
+        sorted_p, order = torch.sort(probs, descending=True)
+        cut = int(torch.searchsorted(torch.cumsum(sorted_p, -1), torch.tensor(top_p))) + 1
+        sorted_p = sorted_p[:cut]
+        return int(order[int(torch.multinomial(sorted_p / sorted_p.sum(), 1, generator=gen))])
+
+    torch.manual_seed(0)
+    for scale in (8.0, 0.5):  # peaky: top 256 hold > 0.95 of the mass; flat: they do not
+        logp = torch.log_softmax(torch.randn(20, 49152) * scale, dim=-1)
+        for j in range(20):
+            got = Engine._sample(logp[j], 0.7, 0.95, torch.Generator().manual_seed(j))
+            want = full_sort(logp[j], 0.7, 0.95, torch.Generator().manual_seed(j))
+            assert got == want, (scale, j)
