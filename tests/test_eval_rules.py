@@ -120,3 +120,13 @@ def test_winrate_prompts_top_up_a_small_eval_split(monkeypatch, tmp_path):
     assert len(prompts) == 8 and label == "eval_data/heldout.jsonl (8)"
     with pytest.raises(FileNotFoundError, match="winrate_prompts=dataset"):
         ev.winrate_prompts(cfg(winrate_prompts="dataset", n_winrate=8), None)
+
+
+def test_winrate_prompts_empty_eval_split_is_labelled_as_heldout_only(monkeypatch, tmp_path):
+    from training import evaluate as ev
+
+    monkeypatch.setattr(ev, "dataset_rows", lambda version, kind, split_="eval": [])
+    (tmp_path / "heldout.jsonl").write_text("".join(
+        json.dumps({"messages": [{"role": "user", "content": f"h{i}"}]}) + "\n" for i in range(5)))
+    prompts, label = ev.winrate_prompts(ev.Config(eval_data=str(tmp_path), winrate_prompts="auto", n_winrate=4), "ds-x")
+    assert len(prompts) == 4 and label == "eval_data/heldout.jsonl (4)"

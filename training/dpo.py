@@ -142,6 +142,14 @@ def _without_weight(inputs: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in inputs.items() if k != "weight"}
 
 
+def _model_inputs(inputs: dict[str, Any]) -> tuple[dict[str, Any], torch.Tensor]:
+    """(forward kwargs, labels with -100 outside the completions) of a collated batch."""
+    model_kwargs = {k: v for k, v in inputs.items()
+                    if k not in ("weight", "completion_mask", "ref_chosen_logps", "ref_rejected_logps")}
+    model_kwargs["use_cache"] = False
+    return model_kwargs, inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+
+
 class WeightedDPOTrainer(DPOTrainer):
     """DPOTrainer whose batch loss is the weighted mean of per-pair losses (weighted_dpo.py).
 
@@ -164,10 +172,7 @@ class WeightedDPOTrainer(DPOTrainer):
             return super().compute_ref_log_probs(model, inputs)
         from trl.trainer.dpo_trainer import disable_gradient_checkpointing, is_peft_model, use_adapter
 
-        model_kwargs = {k: v for k, v in inputs.items()
-                        if k not in ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")}
-        model_kwargs["use_cache"] = False
-        labels = inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
+        model_kwargs, labels = _model_inputs(inputs)
         adapter_context = contextlib.nullcontext()
         if self.ref_model is None and is_peft_model(self.model):  # the "ref" copy of the start adapter, or none
             unwrapped = self.accelerator.unwrap_model(self.model)
@@ -181,11 +186,8 @@ class WeightedDPOTrainer(DPOTrainer):
         mode = "train" if self.model.training else "eval"
         weights = inputs["weight"]
         inputs = _without_weight(inputs)
-        model_kwargs = {k: v for k, v in inputs.items()
-                        if k not in ("completion_mask", "ref_chosen_logps", "ref_rejected_logps")}
-        model_kwargs["use_cache"] = False
+        model_kwargs, labels = _model_inputs(inputs)
         completion_mask = inputs["completion_mask"]
-        labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
         with self.accelerator.autocast():  # the CPU path below bypasses the autocast accelerate puts on forward
             logps, outputs = completion_logps(model, model_kwargs, labels)
         chosen_logps, rejected_logps = logps.chunk(2, dim=0)

@@ -205,7 +205,7 @@ def winrate_prompts(cfg: Config, dataset_version: str | None) -> tuple[list[Mess
                 seen.setdefault(r["prompt_id"], json.loads(r["prompt_json"]))
         rows = [{"messages": seen[k]} for k in sorted(seen)]
         chosen = [r["messages"] for r in take(rows, cfg.n_winrate, cfg.seed)]
-        label = f"dataset {dataset_version} eval split ({len(chosen)})"
+        label = f"dataset {dataset_version} eval split ({len(chosen)})" if chosen else ""
         if cfg.winrate_prompts == "dataset":
             if not chosen:
                 raise FileNotFoundError(
