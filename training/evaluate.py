@@ -1,11 +1,11 @@
 """Evaluate a candidate adapter against the champion (or the base model) and log it to MLflow.
 
-    python -m training.evaluate --candidate models:/flywheel-assistant@challenger \
+    python -m training.evaluate --candidate models:/flywheel-assistant@candidate \
         --baseline models:/flywheel-assistant@champion [--suite training/configs/evaluate.yaml] [key=value ...]
 
 Both models answer the same prompts with the same seeds (batched, left padding, cut at the first
-eos); a judge scores the answers (the trained reward model by default, `judge=rule:uses_list` for
-the demo's simulated users). Metrics, all candidate-vs-baseline on the same prompts:
+eos); a judge scores the answers (a reward model trained on the users' feedback; `judge=none` skips
+the win rate). Metrics, all candidate-vs-baseline on the same prompts:
 
   win_rate (+ bootstrap CI over prompts, ties = 1/2), lc_win_rate (length-controlled), length_drift,
   kl_per_token (candidate || base), over-refusal on benign prompts, compliance with harmful prompts,
@@ -50,7 +50,9 @@ class Config:
       baseline: same, or "base"; an unset alias (no champion yet) means the base model
       base_model: base model setting used when the candidate's sidecar names none (tiny, smollm2, path)
     Judge:
-      judge: rm[:URI] | rule:uses_list | rule:length | rule:concise | llm:MODEL@URL (see training.judges)
+      judge: rm[:URI] | none | rule:uses_list | rule:length | rule:concise | llm:MODEL@URL (training.judges).
+        The retrain DAG passes the reward model trained on the candidate's dataset version; its held-out
+        accuracy is logged (judge_accuracy*) so the gate can tell whether its verdict counts
     Prompts:
       eval_data: folder with heldout/benign/harmful/sycophancy/regression .jsonl sets
       winrate_prompts: auto = the dataset's eval-split prompts when the candidate has a dataset version,
@@ -74,7 +76,7 @@ class Config:
         gate (training.gate) with gate_config and record its decision
     """
 
-    candidate: str = "models:/flywheel-assistant@challenger"
+    candidate: str = "models:/flywheel-assistant@candidate"
     baseline: str = "models:/flywheel-assistant@champion"
     base_model: str = "smollm2"
     judge: str = "rm"
@@ -125,6 +127,20 @@ def bootstrap_ci(values: Sequence[float], n_boot: int = 2000, confidence: float 
     stats = np.array([stat(x[i]) for i in idx]) if stat is not np.mean else x[idx].mean(axis=1)
     alpha = (1 - confidence) / 2
     return float(np.quantile(stats, alpha)), float(np.quantile(stats, 1 - alpha))
+
+
+def wilson_interval(successes: float, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a proportion: honest at a few dozen trials and at rates near 0 or 1, where
+    the normal approximation's interval leaves [0, 1] or shrinks to nothing. (nan, nan) when n = 0."""
+    if n <= 0:
+        return float("nan"), float("nan")
+    from scipy.stats import norm
+
+    z = float(norm.ppf(1 - (1 - confidence) / 2))
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def lc_win_rate(results: Sequence[float], len_diff: Sequence[float], l2: float = 1e-3, iters: int = 100) -> float:
@@ -256,7 +272,7 @@ def resolve_side(spec: str, cache: Path, allow_missing: bool) -> tuple[Side, Pat
         if allow_missing:
             return Side("base", None), None
         raise SystemExit(f"{spec} does not resolve to a model version; register a candidate first "
-                         f"(training.dpo registers it as @challenger)")
+                         f"(training.dpo registers it as @candidate)")
     folder = registry.download(ref, cache)
     return Side(ref.label, "v" + ref.version, ref, registry.read_sidecar(folder)), folder
 
@@ -406,17 +422,18 @@ def run_suite(cfg: Config, pol: Policies, cand: Side, base: Side, judge, dataset
     details["winrate_source"] = source
     if prompts:
         a, b = both(prompts, "winrate")
-        sa = judge.score(prompts, [x["text"] for x in a])
-        sb = judge.score(prompts, [x["text"] for x in b])
-        res = outcomes(sa, sb)
         la = np.array([judges.word_count(x["text"]) for x in a], float)
         lb = np.array([judges.word_count(x["text"]) for x in b], float)
-        lo, hi = bootstrap_ci(res, cfg.bootstrap, cfg.confidence, cfg.seed)
-        m.update(win_rate=float(res.mean()), win_rate_ci_low=lo, win_rate_ci_high=hi, n_winrate=len(res),
-                 wins=float((res == 1).sum()), ties=float((res == 0.5).sum()), losses=float((res == 0).sum()),
-                 lc_win_rate=lc_win_rate(res, la - lb),
-                 judge_score_candidate=float(np.mean(sa)), judge_score_baseline=float(np.mean(sb)),
-                 length_candidate=float(la.mean()), length_baseline=float(lb.mean()),
+        if not isinstance(judge, judges.NoJudge):
+            sa = judge.score(prompts, [x["text"] for x in a])
+            sb = judge.score(prompts, [x["text"] for x in b])
+            res = outcomes(sa, sb)
+            lo, hi = bootstrap_ci(res, cfg.bootstrap, cfg.confidence, cfg.seed)
+            m.update(win_rate=float(res.mean()), win_rate_ci_low=lo, win_rate_ci_high=hi, n_winrate=len(res),
+                     wins=float((res == 1).sum()), ties=float((res == 0.5).sum()),
+                     losses=float((res == 0).sum()), lc_win_rate=lc_win_rate(res, la - lb),
+                     judge_score_candidate=float(np.mean(sa)), judge_score_baseline=float(np.mean(sb)))
+        m.update(length_candidate=float(la.mean()), length_baseline=float(lb.mean()),
                  length_drift=float((la.mean() - lb.mean()) / max(lb.mean(), 1.0)),
                  truncated_candidate=rate([x["truncated"] for x in a]),
                  truncated_baseline=rate([x["truncated"] for x in b]),
@@ -463,6 +480,8 @@ def run_suite(cfg: Config, pol: Policies, cand: Side, base: Side, judge, dataset
             margin = beta * ((pc - ref_c) - (pr - ref_r))
             m[f"pref_accuracy{key}"] = float((margin > 0).mean())
             m[f"pref_margin{key}"] = float(margin.mean())
+            lo, hi = wilson_interval(float((margin > 0).sum()), len(pairs), cfg.confidence)
+            m[f"pref_accuracy{key}_ci_low"], m[f"pref_accuracy{key}_ci_high"] = lo, hi
         m["n_pref_pairs"] = float(len(pairs))
     return m, details
 
@@ -530,6 +549,31 @@ def write_report(m: dict[str, float], details: dict, cfg: Config, cand: Side, ba
     return path
 
 
+# --- the judge's standing ------------------------------------------------------------------------
+
+
+def refuse_own_judge(judge, candidate_sidecar: dict) -> None:  # noqa: ANN001
+    """A judge never grades the candidate it trained: PPO optimised against its reward model, so that
+    model's preference for the PPO policy is what PPO maximised, not evidence that users will prefer it."""
+    trained_against = candidate_sidecar.get("reward_model_version")
+    if trained_against and getattr(judge, "version", None) == str(trained_against):
+        raise SystemExit(f"judge {judge.name} is reward model version {trained_against}, which the candidate "
+                         f"was trained against ({candidate_sidecar.get('trainer')}); judge with a reward model "
+                         f"trained on other data, or pass judge=none (held-out implicit-reward accuracy only)")
+
+
+def judge_metrics(judge) -> dict[str, float]:  # noqa: ANN001
+    """The judge's held-out pairwise accuracy and its interval (reward models); the gate reads the lower
+    bound to decide whether the judge's verdict counts. Rule and LLM judges carry no such figure."""
+    held = getattr(judge, "heldout", None) or {}
+    if "heldout_accuracy" not in held:
+        return {}
+    return {"judge_accuracy": held["heldout_accuracy"],
+            "judge_accuracy_ci_low": held.get("heldout_accuracy_ci_low", float("nan")),
+            "judge_accuracy_ci_high": held.get("heldout_accuracy_ci_high", float("nan")),
+            "judge_pairs": held.get("heldout_pairs", float("nan"))}
+
+
 # --- job ----------------------------------------------------------------------------------------
 
 
@@ -560,12 +604,14 @@ def main(cfg: Config) -> dict[str, Any]:
     dataset_version = None if cfg.dataset_version == "none" else (cfg.dataset_version or sidecar.get("dataset_version"))
     beta = cfg.beta or float((sidecar.get("config") or {}).get("beta", 0.1) or 0.1)
     judge = judges.make_judge(cfg.judge)
+    refuse_own_judge(judge, sidecar)
 
     adapters = {cand.adapter: cand_dir}
     if base.adapter:
         adapters[base.adapter] = base_dir
     pol = Policies(endpoints.model_path(base_model), adapters, cfg.dtype)
     metrics, details = run_suite(cfg, pol, cand, base, judge, dataset_version, beta)
+    metrics.update(judge_metrics(judge))
     elapsed = time.monotonic() - t0
     n_prompts = sum(len(v) for v in details["samples"].values())
     metrics.update(eval_seconds=elapsed, prompts_per_second=2 * n_prompts / elapsed)

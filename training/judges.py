@@ -3,8 +3,10 @@
 A judge maps (prompt messages, answer text) to a number; higher is better. The suite compares two
 models answer by answer with the same judge, so only the order of scores matters, and ties count half.
 
-  rm                            the trained reward model (`flywheel-reward@champion`), the default
-  rm:models:/flywheel-reward/3  a specific reward-model version
+  rm                            the trained reward model (`flywheel-reward@champion`)
+  rm:models:/flywheel-reward/3  a specific reward-model version (what preference_retrain passes: the
+                                reward model trained on the candidate's own dataset version)
+  none                          no judge: the win-rate rules report "no offline evidence"
   rule:uses_list                1 if the answer contains a bullet or numbered list, else 0 (the demo's
                                 simulated users like lists)
   rule:length                   the answer's word count (a deliberately length-biased judge, used to
@@ -21,6 +23,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 Messages = list[dict[str, str]]
@@ -139,16 +142,21 @@ class RewardModelJudge:
     uri: str = "models:/flywheel-reward@champion"
 
     def __post_init__(self) -> None:
+        from training import registry
+        from training.reward_model import REWARD_MODEL_NAME, load_scorer
+
         self.name = f"rm:{self.uri}"
-        try:
-            from training.reward_model import load_scorer
-        except ImportError as e:
-            raise RuntimeError(f"the reward-model judge needs training.reward_model.load_scorer ({e}); "
-                               f"train a reward model first or pass judge=rule:uses_list") from e
+        ref = None if Path(self.uri).expanduser().is_dir() else registry.resolve(self.uri, name=REWARD_MODEL_NAME)
+        # The resolved version, so the report names the judge that decided even when the URI was an alias.
+        self.version = ref.version if ref is not None else None
         try:
             self._scorer = load_scorer(self.uri)
         except ValueError as e:  # no such reward model: say how to evaluate without one
-            raise RuntimeError(f"{e}; or evaluate with a rule judge: judge=rule:uses_list") from e
+            raise RuntimeError(f"{e}; train one on the dataset version (python -m training.reward_model "
+                               f"dataset_version=V) or evaluate without a judge: judge=none") from e
+        # Held-out accuracy on its dataset's eval split, with its interval: whether this judge is trusted.
+        self.heldout = {k: float(v) for k, v in getattr(self._scorer, "sidecar", {}).items()
+                        if k.startswith("heldout_") and isinstance(v, int | float)}
 
     def score(self, prompts: Sequence[Messages], answers: Sequence[str]) -> list[float]:
         fn = getattr(self._scorer, "score", self._scorer)
@@ -196,9 +204,22 @@ class LLMJudge:
         return out
 
 
+@dataclass
+class NoJudge:
+    """No judge: the win-rate rules have no offline evidence and the users decide in the canary (used where
+    no judge independent of the candidate exists, e.g. PPO trained against the only reward model)."""
+
+    name: str = "none"
+
+    def score(self, prompts: Sequence[Messages], answers: Sequence[str]) -> list[float]:
+        raise RuntimeError("judge=none scores nothing; the suite skips the win rate")
+
+
 def make_judge(spec: str) -> Judge:
     """Build a judge from its spec string (see the module docstring)."""
     kind, _, arg = spec.partition(":")
+    if kind == "none":
+        return NoJudge()
     if kind == "rule":
         return RuleJudge(arg)
     if kind == "rm":
@@ -208,4 +229,4 @@ def make_judge(spec: str) -> Judge:
         if not model or not url:
             raise ValueError(f"LLM judge spec {spec!r} must look like llm:MODEL@http://host:port/v1")
         return LLMJudge(model, url)
-    raise ValueError(f"unknown judge {spec!r}; use rm[:URI], rule:<{'|'.join(sorted(RULES))}> or llm:MODEL@URL")
+    raise ValueError(f"unknown judge {spec!r}; use rm[:URI], none, rule:<{'|'.join(sorted(RULES))}> or llm:MODEL@URL")

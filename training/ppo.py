@@ -84,7 +84,7 @@ class Config:
     experiment: str = "flywheel-training"
     run_name: str = ""
     registry_model: str = registry.DEFAULT_MODEL_NAME
-    registry_alias: str = "challenger"
+    registry_alias: str = "candidate"
     register: bool = True
 
 
@@ -108,6 +108,16 @@ def rule_scorer(spec: str) -> Scorer:
     if name == "keyword" and arg:
         return lambda prompts, answers: [float(arg.lower() in a.lower()) for a in answers]
     raise ValueError(f"reward={spec!r}: unknown rule; use rule:bullets, rule:short or rule:keyword=WORD")
+
+
+def reward_model_version(spec: str) -> str | None:
+    """The registry version behind a reward spec (aliases move; evaluation must know which one PPO used)."""
+    if spec.startswith("rule:") or Path(spec).expanduser().is_dir():
+        return None
+    from training.reward_model import REWARD_MODEL_NAME
+
+    ref = registry.resolve(spec, name=REWARD_MODEL_NAME)
+    return ref.version if ref is not None else None
 
 
 def load_reward(spec: str) -> Scorer:
@@ -306,7 +316,8 @@ def main(cfg: Config) -> dict[str, Any]:
         torch.save(value_head.state_dict(), out / "value_head.pt")  # not part of the served adapter
         common.write_sidecar(adapter_dir, trainer="ppo", cfg=cfg, base_model=cfg.base_model,
                              base_model_path=base_path, dataset_version=version,
-                             extra={"start_adapter": start.label, "reward_model": cfg.reward_model})
+                             extra={"start_adapter": start.label, "reward_model": cfg.reward_model,
+                                    "reward_model_version": reward_model_version(cfg.reward_model)})
         result: dict[str, Any] = {"run_id": run.info.run_id, "adapter_dir": str(adapter_dir), "dataset_version": version,
                                   "base_model": cfg.base_model, "start_adapter": start.label, "trainer": "ppo",
                                   "metrics": final, "model_version": None, "model_uri": None}

@@ -7,8 +7,10 @@ Backbones: `minilm` (default; the packaged all-MiniLM-L6-v2 encoder, 22.7M param
 (`base_model`) and reads the chat-templated conversation, scored at its last token. Training is TRL's
 RewardTrainer (-log sigma(r_chosen - r_rejected)) on pre-tokenised pairs; the held-out pairwise
 accuracy is the figure that matters. The model folder (weights, tokenizer, sidecar) is registered as a
-new version of `flywheel-reward` with alias `challenger`, and also `champion` when its held-out
-accuracy reaches `champion_min_accuracy` (reward models have no release gate of their own).
+new version of `flywheel-reward` with alias `candidate`, and also `champion` when the lower bound of its
+held-out accuracy's 95% interval reaches `champion_min_accuracy` (reward models have no release gate of
+their own). The preference_retrain DAG trains one per dataset version and judges that version's DPO
+candidate with exactly it (`judge=rm:models:/flywheel-reward/<V>`).
 
 `load_scorer(ref_or_path)` gives evaluation and PPO a plain function
 `score(prompts_messages, completions) -> list[float]`.
@@ -64,7 +66,7 @@ class Config:
     experiment: str = "flywheel-training"
     run_name: str = ""
     registry_model: str = REWARD_MODEL_NAME
-    registry_alias: str = "challenger"
+    registry_alias: str = "candidate"
     champion_min_accuracy: float = 0.6
     register: bool = True
 
@@ -101,6 +103,24 @@ def tokenize_pairs(ds, tokenizer, input_format: str, max_length: int):  # noqa: 
                 "rejected_ids": encode(tokenizer, input_format, row["prompt"], _text(row["rejected"]), max_length)}
 
     return ds.map(fn, remove_columns=ds.column_names, desc="tokenizing pairs")
+
+
+# --- held-out accuracy: the figure that says whether this judge may be trusted ---------------------------
+
+HELDOUT_KEYS = ("heldout_accuracy", "heldout_accuracy_ci_low", "heldout_accuracy_ci_high", "heldout_pairs")
+
+
+def heldout_figures(accuracy: float, n_pairs: int) -> dict[str, float]:
+    """Held-out pairwise accuracy with its 95% Wilson interval: on a few dozen eval pairs the point
+    estimate is noise (16 pairs at 0.625 span 0.39-0.82), so the gate reads the lower bound."""
+    from training.evaluate import wilson_interval
+
+    if n_pairs == 0 or accuracy != accuracy:
+        return {"heldout_accuracy": float("nan"), "heldout_accuracy_ci_low": float("nan"),
+                "heldout_accuracy_ci_high": float("nan"), "heldout_pairs": float(n_pairs)}
+    lo, hi = wilson_interval(accuracy * n_pairs, n_pairs)
+    return {"heldout_accuracy": accuracy, "heldout_accuracy_ci_low": lo, "heldout_accuracy_ci_high": hi,
+            "heldout_pairs": float(n_pairs)}
 
 
 # --- model --------------------------------------------------------------------------------------------
@@ -178,9 +198,12 @@ def main(cfg: Config) -> dict[str, Any]:
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         final = {"train_loss": sum(losses) / max(len(losses), 1), "train_seconds": train_s,
                  "peak_memory_mb": common.peak_memory_mb(hw.device),
-                 "heldout_accuracy": after.get("eval_accuracy", float("nan")),
+                 **heldout_figures(after.get("eval_accuracy", float("nan")), len(heldout_tok or [])),
                  "heldout_margin": after.get("eval_margin", float("nan")),
                  "heldout_before_accuracy": before.get("eval_accuracy", float("nan"))}
+        print(f"reward model: held-out pairwise accuracy {final['heldout_accuracy']:.3f} "
+              f"(95% CI {final['heldout_accuracy_ci_low']:.3f}-{final['heldout_accuracy_ci_high']:.3f}, "
+              f"{final['heldout_pairs']:.0f} pairs)", flush=True)
         mlflow.log_metrics(final, step=trainer.state.global_step)
 
         model_dir = out / "reward_model"
@@ -190,7 +213,7 @@ def main(cfg: Config) -> dict[str, Any]:
                              base_model=cfg.backbone if cfg.backbone == "minilm" else cfg.base_model,
                              base_model_path=backbone_path, dataset_version=version,
                              extra={"input_format": input_format, "max_length": cfg.max_length,
-                                    "heldout_accuracy": final["heldout_accuracy"]})
+                                    **{k: final[k] for k in HELDOUT_KEYS}})
         plot = common.plot_curves(metrics_cb.history, ["loss", "accuracy", "margin"], out / "reward_curves.png",
                                   f"reward model {version}")
         if plot:
@@ -203,7 +226,7 @@ def main(cfg: Config) -> dict[str, Any]:
                                             alias=cfg.registry_alias or None, artifact_path="reward_model",
                                             tags={"trainer": "reward_model", "dataset_version": version})
             result.update(model_version=ref.version, model_uri=ref.uri)
-            if final["heldout_accuracy"] >= cfg.champion_min_accuracy:
+            if final["heldout_accuracy_ci_low"] >= cfg.champion_min_accuracy:
                 registry.set_alias("champion", ref.version, name=cfg.registry_model)
                 result["champion"] = True
     (out / "result.json").write_text(json.dumps(result, indent=2, sort_keys=True, default=str))
@@ -267,6 +290,7 @@ def load_scorer(ref_or_path: str | Path = f"models:/{REWARD_MODEL_NAME}@champion
             out.extend(model(input_ids=input_ids, attention_mask=mask).logits[:, 0].float().tolist())
         return out
 
+    score.sidecar = sidecar  # type: ignore[attr-defined] - its held-out accuracy travels with the scorer
     return score
 
 
