@@ -1,7 +1,7 @@
 """Which LoRA adapter answers a request: registry aliases, polled, loaded, switched atomically.
 
-`AdapterRouter` polls `models:/<name>@champion` (and `@challenger` when the A/B share is > 0) every
-`poll_interval_s`. When an alias moves it downloads the new version, loads it on the backend
+`AdapterRouter` polls `models:/<name>@champion` and `@challenger` (with the live canary's share, from
+the registered model's `canary.*` tags) every `poll_interval_s`. When an alias moves it downloads the new version, loads it on the backend
 (under a PEFT name that carries the version), and only then replaces the routing table in one
 assignment. A request reads the table once when it is admitted and keeps the adapter it got, so
 requests in flight when the champion moves finish on the old one; an old adapter is unloaded only
@@ -97,6 +97,7 @@ class AdapterRouter:
         self.max_loaded = max_loaded
         self.prefetch = prefetch
         self._challenger_version: str | None = None
+        self.canary_share = challenger_share  # the share in force, updated at each refresh
         self.name_fn = name_fn or adapter_name
         self.routes = Routes()
         self.loaded: dict[str, Served] = {}  # backend name -> Served
@@ -135,14 +136,14 @@ class AdapterRouter:
         t0 = time.perf_counter()
         old = self.routes
         champion = registry.resolve(self.champion_alias, name=self.model_name)
-        challenger = registry.resolve(self.challenger_alias, name=self.model_name) if self.prefetch or \
-            self.challenger_share > 0 else None
+        challenger = registry.resolve(self.challenger_alias, name=self.model_name)
         new_champion = self.ensure_loaded(champion) if champion else None
         # The challenger is loaded even when it gets no traffic: it is the next champion, and a
         # promotion then only swaps the routing table (no download or load on the critical path).
-        new_challenger = self._try_load(challenger) if challenger else None
+        share = self.live_share(challenger)
+        new_challenger = self._try_load(challenger) if challenger and (self.prefetch or share > 0) else None
         self._challenger_version = challenger.version if challenger else None
-        new = Routes(champion=new_champion, challenger=new_challenger if self.challenger_share > 0 else None)
+        new = Routes(champion=new_champion, challenger=new_challenger if share > 0 else None)
         if new != old:
             if hasattr(self.backend, "set_hot") and new.champion != old.champion:
                 # merge the new champion first; batches on the old one fall back to the stacked path
@@ -155,6 +156,18 @@ class AdapterRouter:
                      self.switches[-1]["challenger"])
             self._gc()
         return new
+
+    def live_share(self, challenger: registry.AdapterRef | None) -> float:
+        """The challenger's share of users: the live canary's (registry tags) when one runs for this very
+        version, else the configured `challenger_share`. Read at every poll, so a canary that starts, changes
+        share or ends (rollout) reaches every replica without a restart."""
+        if challenger is None:
+            self.canary_share = 0.0
+            return 0.0
+        live = registry.canary(self.model_name)
+        share = live.share if live is not None and live.version == challenger.version else self.challenger_share
+        self.canary_share = min(1.0, max(0.0, share))
+        return self.canary_share
 
     def _gc(self) -> None:
         """Unload adapters that nothing routes to and no request holds, beyond `max_loaded`."""
@@ -197,7 +210,7 @@ class AdapterRouter:
     def _in_challenger_share(self, user_id: str) -> bool:
         # Sticky per user: the same user always lands in the same arm, so their feedback is comparable.
         h = int.from_bytes(hashlib.sha256(user_id.encode()).digest()[:8], "big") / 2**64
-        return h < self.challenger_share
+        return h < self.canary_share
 
     def _explicit(self, wanted: str) -> Served | None:
         """`base`, a version (`3`), a label (`flywheel-assistant/3`) or an alias (`champion`)."""
@@ -269,6 +282,6 @@ class AdapterRouter:
         r = self.routes
         return {"champion": r.champion.label if r.champion else None,
                 "challenger": r.challenger.label if r.challenger else None,
-                "challenger_share": self.challenger_share,
+                "challenger_share": self.canary_share,
                 "loaded": sorted(s.label for s in self.loaded.values()),
                 "last_error": self.last_error, "switches": len(self.switches)}

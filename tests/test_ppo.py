@@ -34,7 +34,7 @@ def test_ppo_raises_reward_within_kl_budget(stack, tiny_model: str, tmp_path: Pa
         assert len(history) == cfg.iterations, key
     assert run.data.tags["trainer"] == "ppo"
     assert "plots/ppo_curves.png" in [a.path for a in registry.client().list_artifacts(result["run_id"], "plots")]
-    assert registry.aliases("flywheel-test-ppo")["challenger"] == result["model_version"]
+    assert registry.aliases("flywheel-test-ppo")["candidate"] == result["model_version"]
     assert registry.read_sidecar(result["adapter_dir"])["trainer"] == "ppo"
 
 

@@ -248,7 +248,7 @@ def test_dpo_job_trains_registers_and_continues_from_champion(dpo_dataset: str, 
     assert m["heldout_rewards_margins"] > 0 and m["heldout_loss"] < math.log(2)
     # Registered as a new version with alias challenger; MLflow run has metrics, inputs and plots.
     assert result["start_adapter"] == "base"
-    assert registry.aliases("flywheel-test-dpo")["challenger"] == result["model_version"]
+    assert registry.aliases("flywheel-test-dpo")["candidate"] == result["model_version"]
     run = registry.client().get_run(result["run_id"])
     assert "heldout_rewards_margins" in run.data.metrics and "tokens_per_s" in run.data.metrics
     assert run.data.params["base_model"] == "tiny"

@@ -51,7 +51,7 @@ def test_kto_job_on_imbalanced_rows(stack, tiny_model: str, tmp_path: Path) -> N
     lora = load_file(str(Path(result["adapter_dir"]) / "adapter_model.safetensors"))
     assert any("lora_B" in k and v.abs().max() > 0 for k, v in lora.items())
     assert registry.read_sidecar(result["adapter_dir"])["trainer"] == "kto"
-    assert registry.aliases("flywheel-test-kto")["challenger"] == result["model_version"]
+    assert registry.aliases("flywheel-test-kto")["candidate"] == result["model_version"]
     run = registry.client().get_run(result["run_id"])
     assert run.data.params["undesirable_weight"] == "3.0"
     assert run.data.metrics["train_steps"] == pytest.approx(8)

@@ -49,7 +49,7 @@ def test_reward_model_minilm_pair_format(stack, tmp_path: Path) -> None:  # noqa
     result = reward_model.main(cfg)
     sidecar = json.loads((Path(result["model_dir"]) / registry.SIDECAR).read_text())
     assert sidecar["input_format"] == "pair" and sidecar["trainer"] == "reward_model"
-    assert registry.aliases("flywheel-test-rm-minilm")["challenger"] == result["model_version"]
+    assert registry.aliases("flywheel-test-rm-minilm")["candidate"] == result["model_version"]
     scores = reward_model.load_scorer(result["model_dir"])([[{"role": "user", "content": "hi"}]] * 2, ["a", "b"])
     assert len(scores) == 2 and all(isinstance(s, float) for s in scores)
 

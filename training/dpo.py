@@ -89,7 +89,7 @@ class Config:
     experiment: str = "flywheel-training"
     run_name: str = ""
     registry_model: str = registry.DEFAULT_MODEL_NAME
-    registry_alias: str = "challenger"
+    registry_alias: str = "candidate"
     register: bool = True
     eval_before: bool = True
 

@@ -6,7 +6,9 @@ the artifact `adapter/` of its training run and registered as a version of the r
 (default name `flywheel-assistant`). Aliases say what is served:
 
   champion    what serving answers with
-  challenger  the newest candidate (set at registration); optionally served to an A/B share
+  candidate   the newest trained version (set at registration); not served
+  challenger  the version under a live canary (set by `training.canary` when the offline gate passes):
+              served to the share of users in the registered model's `canary.share` tag
   previous    the champion before the last promotion (rollback target)
 
 Serving imports this module (DESIGN.md allows it: it needs only mlflow, no training code).
@@ -29,7 +31,7 @@ from ingest import endpoints
 
 DEFAULT_MODEL_NAME = os.environ.get("FLYWHEEL_MODEL_NAME", "flywheel-assistant")
 SIDECAR = "flywheel_adapter.json"
-ALIASES = ("champion", "challenger", "previous")
+ALIASES = ("champion", "challenger", "candidate", "previous")
 
 
 def client() -> MlflowClient:
@@ -115,7 +117,7 @@ def read_sidecar(adapter_dir: str | Path) -> dict:
 
 
 def register_adapter(adapter_dir: str | Path, run_id: str, name: str = DEFAULT_MODEL_NAME,
-                     alias: str | None = "challenger", tags: dict[str, str] | None = None,
+                     alias: str | None = "candidate", tags: dict[str, str] | None = None,
                      artifact_path: str = "adapter") -> AdapterRef:
     """Log `adapter_dir` as artifact `adapter/` of `run_id` and register it as a new version.
 
@@ -160,6 +162,53 @@ def aliases(name: str = DEFAULT_MODEL_NAME) -> dict[str, str]:
     except MlflowException:
         return {}
     return {a: str(v) for a, v in (rm.aliases or {}).items()}
+
+
+CANARY_TAGS = ("canary.version", "canary.share", "canary.started_at", "canary.run_id", "canary.reason",
+               "canary.last_window_end")
+
+
+@dataclass(frozen=True)
+class Canary:
+    """A live experiment: `version` (the challenger) answers `share` of the users since `started_at`."""
+
+    version: str
+    share: float
+    started_at: str
+    run_id: str = ""
+    last_window_end: str = ""
+
+
+def canary(name: str = DEFAULT_MODEL_NAME) -> Canary | None:
+    """The canary recorded on the registered model's tags, if one is live (None otherwise).
+
+    The tags live on the registered model, not in serving's config, so that every replica follows a
+    canary that starts, changes share or ends without a restart.
+    """
+    try:
+        tags = client().get_registered_model(name).tags or {}
+    except MlflowException:
+        return None
+    if not tags.get("canary.version"):
+        return None
+    return Canary(version=tags["canary.version"], share=float(tags.get("canary.share", "0") or 0),
+                  started_at=tags.get("canary.started_at", ""), run_id=tags.get("canary.run_id", ""),
+                  last_window_end=tags.get("canary.last_window_end", ""))
+
+
+def set_canary_tags(tags: dict[str, str], name: str = DEFAULT_MODEL_NAME) -> None:
+    c = client()
+    for k, v in tags.items():
+        c.set_registered_model_tag(name, k, str(v))
+
+
+def clear_canary(name: str = DEFAULT_MODEL_NAME) -> None:
+    """End the live experiment: the challenger alias and every canary tag go; the champion stays."""
+    c = client()
+    delete_alias("challenger", name)
+    for k in CANARY_TAGS:
+        with contextlib.suppress(MlflowException):
+            c.delete_registered_model_tag(name, k)
 
 
 def find_versions(tags: dict[str, str], name: str = DEFAULT_MODEL_NAME) -> list[AdapterRef]:
