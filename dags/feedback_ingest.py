@@ -5,7 +5,9 @@ Every 15 minutes: run the landing consumer until the topics are idle (`ingest.co
 until_idle=true`). It commits offsets only after each Parquet batch is durable and dedupes on
 `event_id`, so a retry or an overlapping run lands nothing twice; malformed records go to the
 dead-letter topic. In production the same consumer runs continuously as a Deployment; this DAG is
-the batch mode for small installations and the demo.
+the batch mode for small installations and the demo. Then `live_metrics` logs, per adapter version,
+the interval's thumbs-up, regenerate, edit, copy and abandon rates to MLflow (experiment
+`flywheel-live`): the loop's health over time in the MLflow UI.
 """
 
 from __future__ import annotations
@@ -38,7 +40,13 @@ def feedback_ingest():
         p = get_current_context()["params"]
         return job("ingest.consume", "until_idle=true", *p["consume_overrides"].split())
 
-    land_events()
+    @task.bash
+    def live_metrics() -> str:
+        ctx = get_current_context()
+        return job("ingest.live_metrics", f"start={ctx['data_interval_start'].isoformat()}",
+                   f"end={ctx['data_interval_end'].isoformat()}", "log_mlflow=true")
+
+    land_events() >> live_metrics()
 
 
 feedback_ingest()

@@ -4,9 +4,15 @@
 `build_dataset` (Spark, content-addressed version of the interval's feedback) →
 `enough_feedback` (skip cleanly when too little to train on) →
 `lookup_candidate` (a re-run of the same interval reuses the adapter already trained on this
-dataset version instead of training again) → `train_dpo` (LoRA DPO from the champion) →
-`evaluate` (candidate vs champion, MLflow eval run) → `gate` (policy file) →
-`gate_decision` → `promote` (champion alias) or `rejected`.
+dataset version instead of training again) → `train_dpo` (LoRA DPO from the champion), and beside it
+`train_reward_model` (a MiniLM reward model on the same version's *train* split: the judge) →
+`evaluate` (candidate vs champion, judged by exactly that reward model, whose held-out accuracy on the
+*eval* split says whether its verdict counts) → `gate` (the offline policy: safe and not worse) →
+`gate_decision` → `start_canary` (the `challenger` alias with `canary_share` of the users) or
+`rejected`. Nothing here promotes: the `rollout` DAG promotes or rolls back on the users' own feedback.
+
+On a fresh deployment (no champion, no reward model) the same path runs: the baseline is the base
+model and the judge is trained here.
 
 Every task runs a project job as a process of `.venv` and is idempotent for its interval: the
 dataset version derives from content, training is skipped when that version was trained already,
@@ -42,6 +48,9 @@ MODEL = "flywheel-assistant"
         "base_model": Param("smollm2", type="string", description="tiny | smollm2 | a model folder"),
         "dpo_config": Param("training/configs/dpo.smollm2.yaml", type="string"),
         "dpo_overrides": Param("", type="string", description="extra key=value overrides for training.dpo"),
+        "reward_model_config": Param("training/configs/reward_model.yaml", type="string"),
+        "reward_model_overrides": Param("", type="string", description="extra key=value for training.reward_model"),
+        "canary_share": Param(0.2, type="number", description="share of users the challenger answers"),
         "eval_overrides": Param("", type="string", description="extra key=value overrides for training.evaluate"),
         "dataset_overrides": Param("", type="string", description="extra key=value for ingest.build_dataset"),
         "window_start": Param("", type="string", description="ISO time; empty = the data interval's start"),
@@ -55,7 +64,8 @@ def preference_retrain():
 
     @task.branch
     def enough_feedback(built: str) -> str:
-        return "lookup_candidate" if answer(built).get("trainable") else "skip_too_little_feedback"
+        return ["lookup_candidate", "train_reward_model"] if answer(built).get("trainable") \
+            else "skip_too_little_feedback"
 
     @task.bash
     def lookup_candidate(built: str) -> str:
@@ -81,10 +91,20 @@ def preference_retrain():
         return str(version)
 
     @task.bash
-    def evaluate(version: str) -> str:
+    def train_reward_model(built: str) -> str:
         p = get_current_context()["params"]
+        return job("training.reward_model", "--config", p["reward_model_config"],
+                   f"dataset_version={answer(built)['version']}", *p["reward_model_overrides"].split())
+
+    @task.bash
+    def evaluate(version: str, judge: str) -> str:
+        p = get_current_context()["params"]
+        rm_version = answer(judge).get("model_version")
+        if not rm_version:
+            raise ValueError(f"the reward model registered no version: {judge[:300]}")
         return job("training.evaluate", "--candidate", f"models:/{MODEL}/{version}",
-                   "--baseline", f"models:/{MODEL}@champion", *p["eval_overrides"].split())
+                   "--baseline", f"models:/{MODEL}@champion", "--judge", f"rm:models:/flywheel-reward/{rm_version}",
+                   *p["eval_overrides"].split())
 
     @task.bash
     def gate(version: str, evaluated: str) -> str:
@@ -93,13 +113,14 @@ def preference_retrain():
 
     @task.branch
     def gate_decision(decided: str) -> str:
-        return "promote" if answer(decided).get("passed") else "rejected"
+        return "start_canary" if answer(decided).get("passed") else "rejected"
 
     @task.bash
-    def promote(version: str) -> str:
+    def start_canary(version: str, decided: str) -> str:
         ctx = get_current_context()
-        return job("training.promote", "--version", version, "--reason",
-                   f"gate passed in preference_retrain run {ctx['run_id']}")
+        evidence = answer(decided).get("offline_evidence", "none")
+        return job("training.canary", "--version", version, f"share={ctx['params']['canary_share']}", "--reason",
+                   f"offline gate passed (judge evidence: {evidence}) in preference_retrain run {ctx['run_id']}")
 
     @task
     def skip_too_little_feedback(built: str) -> None:
@@ -123,10 +144,12 @@ def preference_retrain():
     train_branch >> [trained, reused]
     version = pick_candidate(found, trained)
     reused >> version
-    evaluated = evaluate(version)
+    judge = train_reward_model(built)
+    branch >> judge
+    evaluated = evaluate(version, judge)
     decided = gate(version, evaluated)
     decision = gate_decision(decided)
-    decision >> [promote(version), rejected(decided)]
+    decision >> [start_canary(version, decided), rejected(decided)]
 
 
 preference_retrain()

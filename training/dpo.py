@@ -44,7 +44,9 @@ class LoraSettings:
 class Config:
     """DPO training of a LoRA adapter on a Flywheel dataset version.
 
-    Data:          dataset_version (a version id or `latest`), max_train_pairs (0 = all), use_weights
+    Data:          dataset_version (a version id or `latest`), max_train_pairs (0 = all), use_weights,
+                   flip_labels (swap chosen and rejected: a deliberately bad adapter, for the sabotage drill
+                   that proves the live canary rolls back what users dislike)
     Model:         base_model (tiny | smollm2 | path | HF id), init_from (champion | base | models:/... | folder),
                    lora.{r, alpha, dropout, target_modules}
     Objective:     loss_type (sigmoid | ipo | robust), beta, label_smoothing (robust: assumed label-flip rate),
@@ -61,6 +63,7 @@ class Config:
     dataset_version: str = "latest"
     max_train_pairs: int = 0
     use_weights: bool = True
+    flip_labels: bool = False
     base_model: str = "tiny"
     init_from: str = "champion"
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -305,6 +308,8 @@ def main(cfg: Config) -> dict[str, Any]:
         train = train.select(range(min(cfg.max_train_pairs, len(train))))
     if not cfg.use_weights:
         train = train.map(lambda _: {"weight": 1.0})
+    if cfg.flip_labels:  # sabotage: learn the opposite of what the users said
+        train = train.map(lambda r: {"chosen": r["rejected"], "rejected": r["chosen"]})
     heldout = common.load_preferences(version, "dpo", "eval")
 
     common.set_threads(cfg.threads)

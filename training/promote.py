@@ -65,15 +65,20 @@ def history(name: str) -> list[dict[str, Any]]:
     return json.loads(raw) if raw else []
 
 
-def record_move(name: str, event: dict[str, Any]) -> None:
-    """Append a move to the registered model's champion_history tag and tag the versions involved."""
-    c = registry.client()
+def append_history(name: str, event: dict[str, Any]) -> None:
+    """Append an event (promote, rollback, canary_start, canary_rollback, ...) to `champion_history`."""
     events = history(name) + [event]
     text = json.dumps(events, separators=(",", ":"))
     while len(text) > HISTORY_MAX_CHARS and len(events) > 1:
         events = events[1:]
         text = json.dumps(events, separators=(",", ":"))
-    c.set_registered_model_tag(name, HISTORY_TAG, text)
+    registry.client().set_registered_model_tag(name, HISTORY_TAG, text)
+
+
+def record_move(name: str, event: dict[str, Any]) -> None:
+    """Append a move to the registered model's champion_history tag and tag the versions involved."""
+    c = registry.client()
+    append_history(name, event)
     prefix = "promoted" if event["action"] == "promote" else "rolled_back_to"
     for key in ("at", "by", "reason"):
         c.set_model_version_tag(name, event["champion"], f"{prefix}_{key}", str(event[key])[:4900])
