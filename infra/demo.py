@@ -5,9 +5,17 @@
   3. simulated users chat on the training prompts and give feedback, while a second group measures
      the held-out thumbs-up rate (the hidden preference's verdict on fresh answers) — "before"
   4. `airflow dags test feedback_ingest` lands the events; `airflow dags test preference_retrain`
-     builds the dataset, trains DPO, evaluates against the champion, gates and promotes
-  5. the server picks the promoted adapter up from the registry alias (no restart)
+     builds the dataset, trains DPO and a reward model (the judge) on it, evaluates the candidate
+     against the champion with that judge, applies the offline gate and starts a live canary
+  5. the server picks the challenger up from the registry (no restart) and answers `canary_share` of
+     the users with it; rounds of live traffic, each followed by `feedback_ingest` and the `rollout`
+     DAG, until the users' own feedback promotes the challenger or rolls it back
   6. measure the held-out rate again — "after" — and print the before/after summary
+
+The simulated users' hidden preference only *measures* (the held-out rates); every decision — the
+judge, the gate, the rollout — is made from the feedback the users gave, as in production.
+`sabotage=true` trains the candidate on flipped labels and forces it past the offline gate into the
+canary: the live data alone must roll it back (the report gives its exposure and time to rollback).
 
 It stops what it started (a stack that was already running is left running). The report with every
 figure lands in var/demo/report.json.
@@ -41,15 +49,18 @@ class Config:
     Model: base_model, dpo_config, dpo_overrides, eval_overrides.
     Traffic: n_users, traffic_answers_per_prompt, measure_answers_per_prompt, adversarial_share, noise,
       preference, max_tokens, seed.
+    Canary: canary_share, canary_round_chats (chats per round of live traffic), max_canary_rounds,
+      rollout_overrides (key=value for training.rollout, e.g. policy.alpha=0.05).
+    Drill: sabotage (train on flipped labels, force into the canary: live data must roll it back).
     Run: serving_config, keep_running (leave stack and server up at the end), adapter_wait_s.
     """
 
     base_model: str = "smollm2"
     dpo_config: str = "training/configs/dpo.smollm2.yaml"
     dpo_overrides: str = ""
-    # The judge of the win rate: the simulated users' preference rule (an oracle standing in for an LLM
-    # judge). preference_retrain trains no reward model; with one registered, judge=rm uses it.
-    eval_overrides: str = "judge=rule:uses_list"
+    # The judge is the reward model preference_retrain trains on this cycle's feedback; nothing here
+    # names the simulated users' preference.
+    eval_overrides: str = ""
     # SmolLM2 runs past 80 new tokens in ~93% of answers (160: ~92%; STACK-NOTES); dropping
     # cut-off answers would leave almost nothing, and DPO still learns the preference from them
     # because chosen and rejected are cut alike (STACK-NOTES: the same setting gave +27 to +36 points).
@@ -71,6 +82,12 @@ class Config:
     seed: int = 0
     keep_running: bool = False
     adapter_wait_s: float = 120.0
+    # Canary: with a few dozen users a 50/50 split reaches a decision soonest (the DAG's default is 0.2).
+    canary_share: float = 0.5
+    canary_round_chats: int = 120
+    max_canary_rounds: int = 8
+    rollout_overrides: str = ""
+    sabotage: bool = False
 
 
 class Stage:
@@ -181,16 +198,17 @@ def _train_progress(line: str) -> str | None:
             + (f"  reward margin {float(margin.group(1)):.3f}" if margin else ""))
 
 
-def retrain_conf(cfg: Config, window: dict[str, str]) -> dict[str, str]:
+def retrain_conf(cfg: Config, window: dict[str, str]) -> dict:
     """The DAG run's params: the demo's models and configs, and the window its traffic fell in."""
-    return {"base_model": cfg.base_model, "dpo_config": cfg.dpo_config, "dpo_overrides": cfg.dpo_overrides,
+    dpo_overrides = (cfg.dpo_overrides + " flip_labels=true").strip() if cfg.sabotage else cfg.dpo_overrides
+    return {"base_model": cfg.base_model, "dpo_config": cfg.dpo_config, "dpo_overrides": dpo_overrides,
             "eval_overrides": cfg.eval_overrides, "dataset_overrides": cfg.dataset_overrides,
-            "window_start": window["start"], "window_end": window["end"]}
+            "window_start": window["start"], "window_end": window["end"], "canary_share": cfg.canary_share}
 
 
-def simulate_round(cfg: Config, mode: str, prompts: str, answers: int, seed: int) -> dict:
+def simulate_round(cfg: Config, mode: str, prompts: str, answers: int, seed: int, n_prompts: int = 0) -> dict:
     return simulate.main(simulate.Config(
-        mode=mode, prompts=prompts, answers_per_prompt=answers, n_users=cfg.n_users, seed=seed,
+        mode=mode, prompts=prompts, answers_per_prompt=answers, n_users=cfg.n_users, seed=seed, n_prompts=n_prompts,
         adversarial_share=cfg.adversarial_share if mode == "traffic" else 0.0, noise=cfg.noise,
         preference=cfg.preference, max_tokens=cfg.max_tokens,
         report=str(endpoints.var_dir() / "demo" / f"simulate-{mode}-{prompts}-{seed}.json")))
@@ -203,7 +221,7 @@ def main(cfg: Config) -> dict:
     started: list[stack.Component] = []
     server = serving_component(cfg)
     report: dict = {"base_model": cfg.base_model, "preference": cfg.preference,
-                    "adversarial_share": cfg.adversarial_share}
+                    "adversarial_share": cfg.adversarial_share, "sabotage": cfg.sabotage}
     try:
         with Stage("models"):
             models.check_minilm()
@@ -257,19 +275,14 @@ def main(cfg: Config) -> dict:
             airflow_dags_test("preference_retrain", retrain_conf(cfg, report["window"]))
         report.update(registry_outcome())
 
-        with Stage("serving picks up the champion"):
-            champion = report.get("champion_version")
-            if champion and report["gate"]["passed"]:
-                deadline = time.monotonic() + cfg.adapter_wait_s
-                while time.monotonic() < deadline:
-                    if champion in json.dumps(serving_health().get("adapters")):
-                        break
-                    time.sleep(1)
-                else:
-                    raise SystemExit(f"serving did not pick up champion version {champion} "
-                                     f"within {cfg.adapter_wait_s:.0f}s")
-                report["loop_latency_s"] = round(time.monotonic() - landed_at, 1)
-            report["adapter_after"] = serving_health().get("adapters")
+        if cfg.sabotage and not report["gate"]["passed"]:
+            with Stage("sabotage: force the flipped-label adapter into the canary"):
+                run_job("training.canary", "--version", report["model_version"], f"share={cfg.canary_share}",
+                        "force=true", "--reason", "sabotage drill: flipped labels, forced past the offline gate")
+        with Stage("live canary (traffic -> feedback_ingest -> rollout, until the users decide)"):
+            report["canary"] = live_canary(cfg, report["model_version"], landed_at)
+        report.update({k: v for k, v in registry_outcome().items() if k in ("champion_version", "aliases")})
+        report["adapter_after"] = serving_health().get("adapters")
 
         with Stage("measure after"):
             after = simulate_round(cfg, "measure", "heldout", cfg.measure_answers_per_prompt, cfg.seed + 100)
@@ -285,6 +298,92 @@ def main(cfg: Config) -> dict:
     path.write_text(json.dumps(report, indent=2, default=str) + "\n")
     print_summary(report, path)
     return report
+
+
+def run_job(module: str, *args: str) -> dict:
+    """Run a project job as the DAG tasks do; its last stdout line is its JSON answer."""
+    out = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def wait_for_routes(version: str, role: str, wait_s: float) -> None:
+    """Until serving's /healthz shows `version` routed as `role` (champion or challenger)."""
+    from training import registry
+
+    label = f"{registry.DEFAULT_MODEL_NAME}/{version}"
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if (serving_health().get("adapters") or {}).get(role) == label:
+            return
+        time.sleep(1)
+    raise SystemExit(f"serving did not route {label} as {role} within {wait_s:.0f}s: {serving_health()}")
+
+
+def live_canary(cfg: Config, version: str, landed_at: float) -> dict:
+    """Rounds of live traffic until `rollout` decides; what each look saw, and how it ended."""
+    from training import registry
+
+    live = registry.canary()
+    if live is None or live.version != version:
+        print("    no canary is live (the offline gate rejected the candidate): nothing to try", flush=True)
+        return {"started": False, "decision": "not tried"}
+    t0 = time.monotonic()
+    wait_for_routes(version, "challenger", cfg.adapter_wait_s)
+    rounds: list[dict] = []
+    outcome = {"started": True, "version": version, "share": live.share, "decision": "wait", "rounds": rounds}
+    for i in range(cfg.max_canary_rounds):
+        traffic = simulate_round(cfg, "traffic", "train", 1, cfg.seed + 1000 + i, n_prompts=cfg.canary_round_chats)
+        airflow_dags_test("feedback_ingest", {})
+        airflow_dags_test("rollout", {"window_end": datetime.now(UTC).isoformat(),
+                                      "rollout_overrides": cfg.rollout_overrides})
+        look = last_look(live.run_id)
+        look.update(round=i + 1, chats=traffic["sessions"], adapter_versions=traffic["adapter_versions"],
+                    seconds=round(time.monotonic() - t0, 1))
+        rounds.append(look)
+        print(f"    round {i + 1}: {look.get('action')}: {look.get('reason')}", flush=True)
+        if registry.canary() is None:  # decided: promoted or rolled back
+            outcome["decision"] = look.get("action")
+            outcome["reason"] = look.get("reason")
+            outcome["seconds_to_decision"] = round(time.monotonic() - t0, 1)
+            break
+    outcome["challenger_answers_served"] = rounds[-1].get("challenger_answers") if rounds else 0
+    champion = registry.aliases().get("champion")
+    if outcome["decision"] == "promote":
+        wait_for_routes(version, "champion", cfg.adapter_wait_s)
+        outcome["loop_latency_s"] = round(time.monotonic() - landed_at, 1)
+    outcome["champion_after"] = champion
+    return outcome
+
+
+def last_look(run_id: str) -> dict:
+    """The rollout's latest look at the canary, from its MLflow run (decision tags and both arms' figures)."""
+    from training import registry
+
+    if not run_id:
+        return {}
+    run = registry.client().get_run(run_id)
+    m, tags = run.data.metrics, run.data.tags
+    return {"action": tags.get("rollout.last_action"), "reason": tags.get("rollout.last_reason"),
+            "champion_rated": m.get("champion.rated"), "champion_thumbs_up_rate": m.get("champion.thumbs_up_rate"),
+            "challenger_rated": m.get("challenger.rated"),
+            "challenger_thumbs_up_rate": m.get("challenger.thumbs_up_rate"),
+            "challenger_answers": m.get("challenger.answers"),
+            "challenger_regenerate_rate": m.get("challenger.regenerate_rate"),
+            "diff_ci": [m.get("diff_ci_low"), m.get("diff_ci_high")]}
+
+
+def judge_outcome(eval_run_id: str | None) -> dict:
+    """Which judge the offline gate heard, and how well it ranks held-out pairs."""
+    from training import registry
+
+    if not eval_run_id:
+        return {}
+    run = registry.client().get_run(eval_run_id)
+    m = run.data.metrics
+    return {"judge": run.data.tags.get("flywheel.judge"), "judge_accuracy": m.get("judge_accuracy"),
+            "judge_accuracy_ci": [m.get("judge_accuracy_ci_low"), m.get("judge_accuracy_ci_high")],
+            "judge_pairs": m.get("judge_pairs"), "offline_evidence": run.data.tags.get("gate.offline_evidence"),
+            "win_rate": m.get("win_rate")}
 
 
 def registry_outcome() -> dict:
@@ -310,6 +409,7 @@ def registry_outcome() -> dict:
         "champion_version": aliases.get("champion"),
         "aliases": aliases,
         "gate": {"passed": passed, "lines": gate_lines},
+        "judge": judge_outcome(tags.get("eval_run_id")),
         "mlflow_run": run_link,
         "mlflow_model_version": f"{endpoints.mlflow_tracking_uri()}/#/models/{newest.name}/versions/{newest.version}",
     }
@@ -326,11 +426,24 @@ def print_summary(report: dict, path: Path) -> None:
     print(f"  MLflow run               {report.get('mlflow_run')}")
     print(f"  MLflow model version     {report.get('mlflow_model_version')}")
     gate = report.get("gate", {})
-    print(f"  gate                     {'PASSED' if gate.get('passed') else 'REJECTED'}")
+    judge = report.get("judge") or {}
+    if judge.get("judge_accuracy") is not None:
+        lo, hi = judge["judge_accuracy_ci"]
+        print(f"  judge                    {judge['judge']}: held-out accuracy {judge['judge_accuracy']:.3f} "
+              f"(95% CI {lo:.3f}-{hi:.3f}, {judge['judge_pairs']:.0f} pairs)")
+    print(f"  offline gate             {'PASSED (may be tried)' if gate.get('passed') else 'REJECTED'}"
+          f"  offline evidence: {judge.get('offline_evidence')}")
     for line in gate.get("lines", []):
         print(f"    {line}")
-    if "loop_latency_s" in report:
-        print(f"  loop latency             {report['loop_latency_s']}s (feedback landed -> adapter serving)")
+    canary = report.get("canary") or {}
+    print(f"  live canary              {canary.get('decision')}"
+          + (f" after {len(canary.get('rounds', []))} rounds, {canary.get('seconds_to_decision')}s; "
+             f"challenger served {canary.get('challenger_answers_served') or 0:.0f} answers"
+             if canary.get("seconds_to_decision") else ""))
+    if canary.get("reason"):
+        print(f"    {canary['reason']}")
+    if "loop_latency_s" in canary:
+        print(f"  loop latency             {canary['loop_latency_s']}s (feedback landed -> adapter serving)")
     print("  seconds per stage        " + ", ".join(f"{k} {v:.0f}" for k, v in report["seconds"].items()))
     print(f"  report                   {path}")
     print("=" * 78)
