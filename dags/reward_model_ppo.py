@@ -3,9 +3,13 @@
 
 `build_dataset` for the week → `enough_feedback` → `train_reward_model` (MiniLM backbone by
 default, registered as `flywheel-reward`) → `train_ppo` (LoRA policy, KL-penalised PPO against that
-reward model) → `evaluate` vs champion → `gate`. Promotion stays a human decision for PPO
-candidates: the gate's verdict is logged and tagged on the model version, and
-`python -m training.promote --version V` ships it.
+reward model) → `evaluate` vs champion → `gate` → `start_canary` (or `rejected`).
+
+The judge: none. PPO maximised this very reward model's score, so its verdict on the PPO policy is what
+PPO optimised, not evidence (`training.evaluate` refuses it). The evaluation therefore runs with
+`judge=none`: the gate's win-rate rules report "no offline evidence", and the safety, regression, length,
+KL and held-out implicit-reward-accuracy rules decide whether the candidate may be tried. The users then
+decide in the live canary, through the `rollout` DAG, exactly as for DPO candidates.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ MODEL = "flywheel-assistant"
         "ppo_config": Param("training/configs/ppo.yaml", type="string"),
         "window_start": Param("", type="string"),
         "window_end": Param("", type="string"),
+        "canary_share": Param(0.2, type="number", description="share of users the challenger answers"),
     },
 )
 def reward_model_ppo():
@@ -63,12 +68,27 @@ def reward_model_ppo():
     @task.bash
     def evaluate(trained: str) -> str:
         return job("training.evaluate", "--candidate", f"models:/{MODEL}/{answer(trained)['model_version']}",
-                   "--baseline", f"models:/{MODEL}@champion")
+                   "--baseline", f"models:/{MODEL}@champion", "--judge", "none")
 
     @task.bash
     def gate(trained: str, evaluated: str) -> str:
         return job("training.gate", "--candidate", f"models:/{MODEL}/{answer(trained)['model_version']}",
                    "--metrics-run", answer(evaluated)["run_id"])
+
+    @task.branch
+    def gate_decision(decided: str) -> str:
+        return "start_canary" if answer(decided).get("passed") else "rejected"
+
+    @task.bash
+    def start_canary(trained: str) -> str:
+        ctx = get_current_context()
+        return job("training.canary", "--version", answer(trained)["model_version"],
+                   f"share={ctx['params']['canary_share']}", "--reason",
+                   f"offline gate passed (no judge: PPO's reward model may not grade it) in run {ctx['run_id']}")
+
+    @task
+    def rejected(decided: str) -> None:
+        print("gate rejected the PPO candidate:\n" + "\n".join(answer(decided).get("lines", [])))
 
     @task
     def skip_too_little_feedback(built: str) -> None:
@@ -78,7 +98,8 @@ def reward_model_ppo():
     reward = train_reward_model(built)
     enough_feedback(built) >> [reward, skip_too_little_feedback(built)]
     trained = train_ppo(built, reward)
-    gate(trained, evaluate(trained))
+    decided = gate(trained, evaluate(trained))
+    gate_decision(decided) >> [start_canary(trained), rejected(decided)]
 
 
 reward_model_ppo()

@@ -42,7 +42,7 @@ def dagbag(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 def test_every_dag_imports_without_errors(dagbag: dict):
     assert dagbag["import_errors"] == {}
-    assert {"feedback_ingest", "preference_retrain", "reward_model_ppo"} <= set(dagbag["dags"])
+    assert {"feedback_ingest", "preference_retrain", "reward_model_ppo", "rollout"} <= set(dagbag["dags"])
 
 
 def test_dags_are_documented_tagged_scheduled_and_retried(dagbag: dict):
@@ -69,3 +69,11 @@ def test_no_top_level_heavy_imports(path: Path):
             names = [node.module]
         bad = [n for n in names if n.split(".")[0] in HEAVY]
         assert not bad, f"{path.name} imports {bad} at module level"
+
+
+def test_retrain_dags_start_a_canary_and_never_promote(dagbag: dict):
+    """The offline gate only decides who may be tried; promotion is the rollout's, on live feedback."""
+    for dag_id in ("preference_retrain", "reward_model_ppo"):
+        tasks = set(dagbag["dags"][dag_id]["tasks"])
+        assert "start_canary" in tasks and "promote" not in tasks, (dag_id, tasks)
+    assert "train_reward_model" in dagbag["dags"]["preference_retrain"]["tasks"]
