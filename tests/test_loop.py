@@ -1,6 +1,6 @@
 """The loop end to end on the tiny model: real server, simulated users, real broker, Airflow
-`dags test` of feedback_ingest and preference_retrain (Spark dataset, DPO, eval, gate, promote),
-and a second run of the same interval that changes nothing."""
+`dags test` of feedback_ingest, preference_retrain (Spark dataset, DPO, reward model, eval, gate,
+canary) and rollout, and a second run of the same interval that changes nothing."""
 
 from __future__ import annotations
 
@@ -25,15 +25,28 @@ def test_preference_retrain_end_to_end_and_rerun_changes_nothing(stack, tiny_mod
         measure_answers_per_prompt=1,
         max_tokens=48,
         adapter_wait_s=60,
+        canary_round_chats=40,
+        max_canary_rounds=2,
     )
     report = demo.main(cfg)
 
     assert report["dataset_version"], report
     assert report["model_version"], "preference_retrain registered no model version"
     assert report["gate"]["lines"], "the gate decided nothing"
-    assert isinstance(report["gate"]["passed"], bool)
-    if report["gate"]["passed"]:
-        assert report["champion_version"] == report["model_version"]
+    assert report["judge"]["judge"].startswith("rm:models:/flywheel-reward/"), report["judge"]
+    canary = report["canary"]
+    if not report["gate"]["passed"]:  # rejected: its lines say why, and nothing was tried
+        assert any(ln.startswith("FAIL") for ln in report["gate"]["lines"]) and not canary["started"]
+        assert report["champion_version"] is None
+    else:  # tried on live users: the rollout looked after every round, and acted on what it saw
+        assert canary["started"] and canary["rounds"], canary
+        assert all(r["action"] in ("promote", "rollback", "wait") for r in canary["rounds"]), canary
+        assert sum(r["challenger_rated"] or 0 for r in canary["rounds"][-1:]) > 0, canary
+        expected = {"promote": report["model_version"], "rollback": None, "wait": None}[canary["decision"]]
+        assert report["champion_version"] == expected, (canary, report["aliases"])
+        if canary["decision"] == "promote":  # the users' own rates, not the hidden preference, said better
+            last = canary["rounds"][-1]
+            assert last["challenger_thumbs_up_rate"] > last["champion_thumbs_up_rate"], last
     for key in ("thumbs_up_rate_before", "thumbs_up_rate_after"):
         assert 0.0 <= report[key] <= 1.0
     assert report["traffic"]["counts"]["chats"] > 0 and report["traffic"]["errors"] == 0

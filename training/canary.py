@@ -10,7 +10,8 @@ own feedback and promotes the challenger to `champion` or rolls it back.
 
 Only a version whose gate passed (`gate.passed=true`) starts a canary unless force=true (recorded, as the
 sabotage demo does to prove that live data alone rolls a bad adapter back). A canary already running for
-another version is superseded (recorded); re-running for the same version changes nothing. The last
+another version is superseded (recorded); re-running for the same version, for the champion, or for a
+version the users already rolled back changes nothing. The last
 stdout line is JSON: {"action", "version", "share", "started_at", "changed"}.
 """
 
@@ -80,6 +81,10 @@ def main(cfg: Config) -> dict[str, Any]:
     result: dict[str, Any] = {"action": "canary_start", "version": ref.version, "share": cfg.share, "changed": False}
     if champion == ref.version:
         print(json.dumps({**result, "note": f"{ref.label} is already the champion"}), flush=True)
+        return result
+    if ref.tags.get("rollout.rolled_back_at") and not cfg.force:  # the users already turned it down
+        print(json.dumps({**result, "note": f"{ref.label} was rolled back by the users at "
+                                            f"{ref.tags['rollout.rolled_back_at']}; not tried again"}), flush=True)
         return result
     if live is not None and live.version == ref.version:  # a re-run: the running experiment stays as it is
         print(json.dumps({**result, "started_at": live.started_at}), flush=True)
