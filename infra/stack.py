@@ -241,7 +241,8 @@ def _s3() -> Component:
     return Component(
         name="s3",
         port=port,
-        command=lambda: [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        command=lambda: [str(VENV_BIN / "python"), "-m", "infra.s3store", "--host", "127.0.0.1", "--port", str(port),
+                         "--dir", str(endpoints.var_dir() / "s3")],
         healthy=lambda: http_ok(f"{url}/moto-api/"),
         endpoint=url,
         after_start=create_bucket,
