@@ -1,18 +1,22 @@
-"""The HTTP API: OpenAI-compatible chat, feedback capture, models, health, and the chat page.
+"""The HTTP API: OpenAI-compatible chat, feedback capture, models, health, metrics, the chat page.
 
 Bodies are read and validated here (not by FastAPI's automatic parsing) so that every bad input
 gets the status that names its problem:
 
-  400 undecodable body (bad JSON, invalid UTF-8, not an object) or a request we cannot serve (n>1,
-      last message not from the user, prompt too long, max_tokens above the ceiling)
-  401 forged or malformed feedback token        403 the response belongs to another user
-  404 unknown response_id / adapter version     409 event_id reused with a different body
-  410 feedback token expired                    413 body too large        415 not JSON
-  422 wrong fields or types (pydantic's message) 429 per-user rate limit
+  400 undecodable body (bad JSON, invalid UTF-8, not an object, nested deeper than
+      http.max_json_depth, a number longer than http.max_number_chars, NaN/Infinity, a lone UTF-16
+      surrogate) or a request we cannot serve (n>1, last message not from the user, prompt too
+      long, max_tokens above the ceiling)
+  401 missing/invalid API key (when keys are configured); forged, malformed or retired feedback token
+  403 the (verified) token was given to another user or app
+  404 unknown model / adapter version, unknown route   405 wrong method
+  409 event_id reused with a different body           410 feedback token expired
+  413 body too large        415 not JSON             422 wrong fields or types (pydantic's message)
+  429 per-user rate limit, or too many failed token verifications from one client address
 
-Errors use OpenAI's shape, `{"error": {"message", "type", "code"}}`, so the openai client surfaces
-the message. The request's `model` field is accepted as anything: it selects an adapter only when
-it names one listed by /v1/models (`flywheel-assistant/3`); otherwise routing (champion/A-B) decides.
+Errors use OpenAI's shape, `{"error": {"message", "type", "code", "param"}}`, so the openai client
+surfaces the message. A 5xx means a fault of this server, never of the input: anything a handler
+did not expect is answered 500 in the same shape (and logged) without dropping the connection.
 """
 
 from __future__ import annotations
@@ -21,16 +25,20 @@ import asyncio
 import json
 import logging
 import random
+import re
 import time
 import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from itertools import accumulate
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ingest import endpoints
 from ingest.events import (
@@ -43,7 +51,8 @@ from ingest.events import (
     now,
 )
 from serving.adapters import AdapterRouter, UnknownAdapter
-from serving.feedback import LRU, IssuedResponse, RateLimiter, TokenError, sign, verify
+from serving.feedback import LRU, ApiKeys, FeedbackClaims, FeedbackTokens, RateLimiter, TokenError
+from serving.metrics import ServingMetrics, version_label
 
 log = logging.getLogger("serving.app")
 STATIC = Path(__file__).parent / "static"
@@ -104,7 +113,7 @@ class ChatIn(BaseModel):
 class FeedbackIn(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     response_id: Id
-    feedback_token: Annotated[str, Field(min_length=1, max_length=256)]
+    feedback_token: Annotated[str, Field(min_length=1, max_length=2048)]
     user: Id
     kind: FeedbackKind
     edited_text: Annotated[str, Field(max_length=MAX_TEXT_CHARS)] | None = None
@@ -123,6 +132,8 @@ def _describe(err: ValidationError) -> str:
 
 # --- the service ----------------------------------------------------------------------------
 
+ROUTED_MODEL = "flywheel"  # `model` that lets routing (champion, A/B) choose, like the served name
+
 
 @dataclass
 class Service:
@@ -132,21 +143,31 @@ class Service:
     backend: Any  # serving.engine.Engine | serving.vllm.VllmBackend
     router: AdapterRouter
     publisher: Any  # serving.publisher.EventPublisher
-    secret: bytes
+    secrets: list[bytes]  # feedback-token secrets, the signing one first
     served_name: str
+    api_keys: list[str] = field(default_factory=list)  # `key:tenant` entries; [] = open
     app: FastAPI | None = None
-    responses: LRU = field(init=False)
+    tokens: FeedbackTokens = field(init=False)
+    keys: ApiKeys = field(init=False)
+    # Not a source of truth (tokens are): lets this replica refuse a regenerate of another user's answer.
+    owners: LRU = field(init=False)
     feedback_events: LRU = field(init=False)
     feedback_limit: RateLimiter = field(init=False)
+    bad_token_limit: RateLimiter = field(init=False)
     chat_limit: RateLimiter = field(init=False)
+    metrics: ServingMetrics = field(init=False)
     started: float = field(default_factory=time.time)
 
     def __post_init__(self) -> None:
         h = self.cfg.http
-        self.responses = LRU(h.max_responses)
+        self.tokens = FeedbackTokens(self.secrets)
+        self.keys = ApiKeys(self.api_keys)
+        self.owners = LRU(h.max_responses)
         self.feedback_events = LRU(h.max_responses)
         self.feedback_limit = RateLimiter(h.feedback_per_minute, h.feedback_burst)
+        self.bad_token_limit = RateLimiter(h.bad_token_per_minute, h.bad_token_burst)
         self.chat_limit = RateLimiter(h.chat_per_minute, h.chat_burst)
+        self.metrics = ServingMetrics(self.backend.state, self.publisher.state)
         self.topics = endpoints.topics()
 
     def close(self) -> None:
@@ -154,27 +175,62 @@ class Service:
         self.publisher.close()
         self.backend.close()
 
+    # --- models -------------------------------------------------------------------------------
+
+    def model_names(self) -> list[str]:
+        """Every `model` value a chat request may name: the base, the routed alias, loaded adapters."""
+        return [self.served_name, ROUTED_MODEL, *sorted(s.label for s in self.router.loaded.values())]
+
+    def explicit_adapter(self, req: ChatIn) -> str | None:
+        """The adapter a request names (`adapter`, or `model` = an adapter id), or None for routing;
+        ApiError 404 model_not_found for a model or adapter this server does not serve."""
+        base_names = {"base", self.cfg.model.base, self.served_name}
+        if req.model is not None and req.model not in (self.served_name, self.cfg.model.base, ROUTED_MODEL):
+            if not _ADAPTER_ID.fullmatch(req.model) or not req.model.startswith(self.router.model_name + "/"):
+                raise ApiError(404, f"model {req.model!r} is not served here; use one of "
+                                    f"{', '.join(self.model_names())} (GET /v1/models)",
+                               code="model_not_found", param="model")
+            if req.adapter is None:
+                return req.model
+        wanted = req.adapter
+        if wanted is None or wanted in base_names:
+            return wanted
+        aliases = (self.router.champion_alias, self.router.challenger_alias)
+        if not self.cfg.registry.enabled or not (wanted in aliases or _ADAPTER_ID.fullmatch(wanted)):
+            raise ApiError(404, f"adapter {wanted!r} is not served here; use 'base', "
+                                f"{' or '.join(repr(a) for a in aliases)}, a version number or one of "
+                                f"{', '.join(self.model_names()[2:]) or '(no adapter loaded)'}",
+                           code="model_not_found", param="adapter")
+        return wanted
+
     # --- chat ---------------------------------------------------------------------------------
 
     def finalize(self, req: ChatIn, messages: list[dict], choice, result, *, response_id: str,  # noqa: ANN001
-                 conversation_id: str, user: str, seed: int, temperature: float, top_p: float, max_tokens: int,
-                 t0: float) -> dict:
-        """Emit the response event, remember the response, mint its feedback token (worker thread)."""
+                 conversation_id: str, user: str, tenant: str | None, seed: int, temperature: float,
+                 top_p: float, max_tokens: int, t0: float) -> dict:
+        """Emit the response event and mint its feedback token (worker thread)."""
         expires = int(time.time()) + self.cfg.http.token_ttl_s
+        seconds = time.perf_counter() - t0
         event = ResponseEvent(
             event_id=response_id, created_at=now(), user_id=user, conversation_id=conversation_id,
             response_id=response_id, adapter_version=choice.label, prompt=messages, completion=result.text,
             finish_reason=result.finish_reason, base_model=self.cfg.model.base, ab_arm=choice.arm,
             sampling={"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens, "seed": seed},
             completion_logprob=result.logprob, prompt_tokens=result.prompt_tokens,
-            completion_tokens=result.completion_tokens, latency_ms=(time.perf_counter() - t0) * 1000,
-            regenerates=req.regenerates)
-        self.responses.put(response_id, IssuedResponse(response_id, user, conversation_id, choice.label, expires))
+            completion_tokens=result.completion_tokens, latency_ms=seconds * 1000,
+            regenerates=req.regenerates, tenant=tenant)
+        self.owners.put(response_id, (tenant, user))
         self.publisher.publish(self.topics["responses"].name, conversation_id, encode_event(event))
-        return {"response_id": response_id, "feedback_token": sign(self.secret, response_id, user, expires),
-                "adapter_version": choice.label, "ab_arm": choice.arm, "conversation_id": conversation_id}
+        m, label = self.metrics, version_label(choice.label)
+        m.responses.labels(label, choice.arm).inc()
+        m.completion_tokens.labels(label).inc(result.completion_tokens)
+        if result.completion_tokens and seconds > 0:
+            m.tokens_per_second.observe(result.completion_tokens / seconds)
+        token = self.tokens.issue(FeedbackClaims(response_id, user, conversation_id, choice.label, expires, tenant))
+        return {"response_id": response_id, "feedback_token": token, "adapter_version": choice.label,
+                "ab_arm": choice.arm, "conversation_id": conversation_id}
 
-    def begin_chat(self, req: ChatIn, on_delta=None):  # noqa: ANN001, ANN201
+    def begin_chat(self, req: ChatIn, tenant: str | None, on_delta=None):  # noqa: ANN001, ANN201
         """Validate, route and start one chat request. Returns (final future, meta)."""
         if req.n != 1:
             raise ApiError(400, f"n={req.n} is not supported; this server returns one choice (n=1)", param="n")
@@ -182,12 +238,12 @@ class Service:
         if messages[-1]["role"] != "user":
             raise ApiError(400, "the last message must come from the user", param="messages")
         user = req.user or "anonymous"
-        if not self.chat_limit.allow(user):
+        if not self.chat_limit.allow(_user_key(tenant, user)):
             raise ApiError(429, f"user {user} sent too many chat requests; limit is "
                                 f"{self.cfg.http.chat_per_minute:g}/minute", code="rate_limit_exceeded")
         if req.regenerates:
-            prev = self.responses.get(req.regenerates)
-            if prev is not None and prev.user_id != user:
+            owner = self.owners.get(req.regenerates)
+            if owner is not None and owner != (tenant, user):
                 raise ApiError(403, f"response {req.regenerates} belongs to another user", param="regenerates")
         g = self.cfg.generation
         max_tokens = req.max_tokens or req.max_completion_tokens or g.max_tokens
@@ -197,9 +253,7 @@ class Service:
         temperature = g.temperature if req.temperature is None else req.temperature
         top_p = g.top_p if req.top_p is None else req.top_p
         seed = req.seed if req.seed is not None else random.getrandbits(31)
-        explicit = req.adapter
-        if explicit is None and req.model and req.model.startswith(self.router.model_name + "/"):
-            explicit = req.model
+        explicit = self.explicit_adapter(req)
         try:
             choice = self.router.choose(user, explicit)
         except UnknownAdapter as e:
@@ -217,22 +271,59 @@ class Service:
             if isinstance(e, PromptTooLong):
                 raise ApiError(400, str(e), code="context_length_exceeded", param="messages") from None
             raise
+        self.metrics.generation_started()
 
         def done(f: Future) -> None:
             try:
                 result = f.result()
                 extras = self.finalize(req, messages, choice, result, response_id=response_id,
-                                       conversation_id=conversation_id, user=user, seed=seed,
+                                       conversation_id=conversation_id, user=user, tenant=tenant, seed=seed,
                                        temperature=temperature, top_p=top_p, max_tokens=max_tokens, t0=t0)
                 final.set_result((result, extras))
             except Exception as e:  # noqa: BLE001 - handed to the request
                 log.exception("chat request %s failed", response_id)
                 final.set_exception(e)
             finally:
+                self.metrics.generation_ended()
                 choice.release()
 
         gen.add_done_callback(done)
         return final, {"response_id": response_id, "model": choice.label or self.served_name}
+
+    # --- feedback -----------------------------------------------------------------------------
+
+    def verify_feedback(self, fb: FeedbackIn, tenant: str | None, client: str) -> FeedbackClaims:
+        """The token's claims, checked against the body. The token is verified before anything is
+        charged to the user it names, so forgeries in a victim's name cannot use up the victim's
+        limit; failures are limited per client address instead, and a 403 (which says who received
+        an answer) is only given to a caller holding a genuine token."""
+        if not self.bad_token_limit.has_room(client):
+            raise ApiError(429, f"too many invalid feedback tokens from {client}; limit is "
+                                f"{self.cfg.http.bad_token_per_minute:g}/minute", code="rate_limit_exceeded")
+        try:
+            claims = self.tokens.verify(fb.feedback_token)
+            if claims.response_id != fb.response_id:
+                raise TokenError(401, f"feedback_token was not issued for response {fb.response_id}; send the "
+                                      f"feedback_token returned with that response")
+        except TokenError as e:
+            self.bad_token_limit.allow(client)
+            raise ApiError(e.status, str(e), code="bad_token" if e.status == 401 else "token_expired",
+                           param="feedback_token") from None
+        if claims.tenant != tenant:
+            raise ApiError(403, f"response {fb.response_id} was given through another API key's app; send "
+                                f"feedback with the key that asked for it", code="wrong_tenant")
+        if claims.user_id != fb.user:
+            raise ApiError(403, f"response {fb.response_id} was not given to user {fb.user}; send feedback as "
+                                f"the user who received it", code="wrong_user", param="user")
+        return claims
+
+
+_ADAPTER_ID = re.compile(r"(?:[A-Za-z0-9_.-]{1,200}/)?[0-9]{1,12}", re.ASCII)
+
+
+def _user_key(tenant: str | None, user: str) -> str:
+    # Apps assert their users' ids: "alice" of one app is not "alice" of another.
+    return user if tenant is None else f"{tenant}\x00{user}"
 
 
 def _chunk(response_id: str, model: str, created: int, delta: dict, finish: str | None = None,
@@ -248,9 +339,88 @@ def _usage(result) -> dict:  # noqa: ANN001
             "total_tokens": result.prompt_tokens + result.completion_tokens}
 
 
-async def _read_json(request: Request, limit: int) -> dict:
+# --- bounded JSON ---------------------------------------------------------------------------
+
+# Strings are removed before counting brackets. Possessive (`*+`), so an unterminated string costs
+# one pass to the end of the body, never a rescan per quote: ~80 ms for 1 MiB of `"a\"`.
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*+"?', re.S)
+_NOT_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
+_BRACKET_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+class _BadNumber(ValueError):
+    pass
+
+
+def json_depth(raw: bytes) -> int:
+    """Nesting depth of a JSON text, from its bytes (strings skipped), without parsing it."""
+    brackets = _JSON_STRING.sub(b"", raw).translate(None, _NOT_BRACKET)
+    return max(accumulate(_BRACKET_STEP[b] for b in brackets), default=0)
+
+
+def _has_lone_surrogate(obj: object) -> bool:
+    """True if a string anywhere in obj holds a lone UTF-16 surrogate (which UTF-8 cannot encode)."""
+    stack = [obj]
+    while stack:
+        o = stack.pop()
+        if isinstance(o, str):
+            if not o.isascii():
+                try:
+                    o.encode("utf-8")
+                except UnicodeEncodeError:
+                    return True
+        elif isinstance(o, dict):
+            stack.extend(o.keys())
+            stack.extend(o.values())
+        elif isinstance(o, list):
+            stack.extend(o)
+    return False
+
+
+def parse_json_body(raw: bytes, max_depth: int, max_number_chars: int) -> dict:
+    """A JSON object from request bytes, every bound checked before the parser can be hurt:
+    ApiError 400 saying which bound (or which JSON rule) the body breaks."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ApiError(400, f"body is not valid UTF-8 (byte {e.start})", code="invalid_utf8") from None
+    if raw.count(b"[") + raw.count(b"{") > max_depth and (depth := json_depth(raw)) > max_depth:
+        raise ApiError(400, f"body is nested {depth} levels deep; the limit is {max_depth}", code="json_too_deep")
+
+    def number(s: str) -> int | float:
+        if len(s) > max_number_chars:
+            raise _BadNumber(f"a number of {len(s)} characters; the limit is {max_number_chars}")
+        if any(c in s for c in ".eE"):
+            v = float(s)
+            if v in (float("inf"), float("-inf")):
+                raise _BadNumber(f"the number {s}, out of range for a 64-bit float")
+            return v
+        return int(s)
+
+    def constant(s: str) -> None:
+        raise _BadNumber(f"{s}, which JSON does not allow (use a finite number or null)")
+
+    try:
+        obj = json.loads(text, parse_int=number, parse_float=number, parse_constant=constant)
+    except json.JSONDecodeError as e:
+        raise ApiError(400, f"body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}",
+                       code="invalid_json") from None
+    except _BadNumber as e:
+        raise ApiError(400, f"body holds {e}", code="invalid_json") from None
+    except RecursionError:  # the depth scan is approximate on invalid JSON; the parser's own bound
+        raise ApiError(400, f"body is nested too deeply; the limit is {max_depth}", code="json_too_deep") from None
+    if not isinstance(obj, dict):
+        raise ApiError(400, f"body must be a JSON object, not {type(obj).__name__}", code="invalid_json")
+    if _SURROGATE_ESCAPE.search(raw) and _has_lone_surrogate(obj):
+        raise ApiError(400, "body holds a lone UTF-16 surrogate escape (\\ud800-\\udfff without its pair); "
+                            "send text as valid Unicode", code="invalid_json")
+    return obj
+
+
+async def _read_json(request: Request, limit: int, http_cfg: Any) -> dict:  # noqa: ANN401
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
+    if declared and re.fullmatch(r"[0-9]{1,20}", declared) and int(declared) > limit:
         raise ApiError(413, f"body is {declared} bytes; the limit is {limit}", code="body_too_large")
     ctype = request.headers.get("content-type", "")
     if ctype and "json" not in ctype.lower():
@@ -260,31 +430,87 @@ async def _read_json(request: Request, limit: int) -> dict:
         body += chunk
         if len(body) > limit:
             raise ApiError(413, f"body is larger than the limit of {limit} bytes", code="body_too_large")
-    try:
-        text = bytes(body).decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ApiError(400, f"body is not valid UTF-8 (byte {e.start})", code="invalid_utf8") from None
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ApiError(400, f"body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}",
-                       code="invalid_json") from None
-    if not isinstance(obj, dict):
-        raise ApiError(400, f"body must be a JSON object, not {type(obj).__name__}", code="invalid_json")
-    return obj
+    return parse_json_body(bytes(body), http_cfg.max_json_depth, http_cfg.max_number_chars)
+
+
+def _error_body(message: str, typ: str, code: str | None, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": typ, "code": code, "param": param}}
+
+
+class CatchAll:
+    """Outermost app code: times every request per route for /metrics, and answers an exception no
+    handler expected with a 500 in OpenAI's shape *without* re-raising it, so uvicorn keeps the
+    connection open (Starlette's ServerErrorMiddleware re-raises, and uvicorn then drops it)."""
+
+    def __init__(self, app, metrics: ServingMetrics):  # noqa: ANN001
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status = {"code": 500, "started": False}
+
+        async def tracked(message) -> None:  # noqa: ANN001
+            if message["type"] == "http.response.start":
+                status["code"], status["started"] = message["status"], True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception:
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            if not status["started"]:
+                status["code"] = 500
+                body = json.dumps(_error_body("internal server error; the request was not completed (this is a "
+                                              "fault of the server, logged there)", "server_error",
+                                              "internal_error")).encode()
+                await send({"type": "http.response.start", "status": 500,
+                            "headers": [(b"content-type", b"application/json"),
+                                        (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+        finally:
+            route = scope.get("route")
+            # Only route templates as labels: a fuzzer's random paths must not grow the label set.
+            name = getattr(route, "path", None) or "unmatched"
+            self.metrics.request_seconds.labels(name, scope.get("method", ""), str(status["code"])).observe(
+                time.perf_counter() - t0)
 
 
 def create_app(service: Service) -> FastAPI:
     app = FastAPI(title="Flywheel assistant", version="1", docs_url="/docs", redoc_url=None)
     app.state.service = service
+    app.add_middleware(CatchAll, metrics=service.metrics)
+    metrics = service.metrics
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, e: ApiError) -> JSONResponse:
-        typ = "rate_limit_error" if e.status == 429 else "invalid_request_error"
-        return JSONResponse({"error": {"message": e.message, "type": typ, "code": e.code, "param": e.param}},
-                            status_code=e.status)
+        typ = {401: "authentication_error", 429: "rate_limit_error"}.get(e.status, "invalid_request_error")
+        metrics.api_errors.labels(str(e.status), e.code).inc()
+        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 and e.code == "invalid_api_key" else None
+        return JSONResponse(_error_body(e.message, typ, e.code, e.param), status_code=e.status, headers=headers)
 
-    @app.get("/")
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, e: StarletteHTTPException) -> JSONResponse:
+        # Unknown routes (404) and wrong methods (405) answer in the same shape as everything else.
+        code = {404: "unknown_route", 405: "method_not_allowed"}.get(e.status_code, "http_error")
+        metrics.api_errors.labels(str(e.status_code), code).inc()
+        return JSONResponse(_error_body(str(e.detail), "invalid_request_error", code), status_code=e.status_code,
+                            headers=getattr(e, "headers", None))
+
+    def tenant_of(request: Request) -> str | None:
+        """The calling app's tenant from `Authorization: Bearer <key>`; None while no keys are set."""
+        if not service.keys.required:
+            return None
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        tenant = service.keys.tenant(key.strip()) if scheme.lower() == "bearer" and key.strip() else None
+        if tenant is None:
+            raise ApiError(401, "a valid API key is required: send the header 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+        return tenant
+
+    @app.get("/", include_in_schema=False)
     async def chat_page() -> FileResponse:
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
@@ -292,12 +518,21 @@ def create_app(service: Service) -> FastAPI:
     async def healthz() -> dict:
         return {"status": "ok", "base_model": service.cfg.model.base, "served_name": service.served_name,
                 "uptime_s": round(time.time() - service.started, 1), "adapters": service.router.state(),
-                "events": service.publisher.state(), "backend": service.backend.state()}
+                "events": service.publisher.state(), "backend": service.backend.state(),
+                "api_keys_required": service.keys.required}
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models")
-    async def models() -> dict:
+    async def models(request: Request) -> dict:
+        tenant_of(request)
         created = int(service.started)
-        data = [{"id": service.served_name, "object": "model", "created": created, "owned_by": "flywheel"}]
+        data = [{"id": service.served_name, "object": "model", "created": created, "owned_by": "flywheel"},
+                {"id": ROUTED_MODEL, "object": "model", "created": created, "owned_by": "flywheel",
+                 "parent": service.served_name, "root": service.served_name,
+                 "description": "routed: the champion adapter (or the A/B challenger), else the base"}]
         routes = service.router.routes
         for s in sorted(service.router.loaded.values(), key=lambda s: int(s.ref.version)):
             aliases = [a for a, r in (("champion", routes.champion), ("challenger", routes.challenger))
@@ -306,16 +541,21 @@ def create_app(service: Service) -> FastAPI:
                          "parent": service.served_name, "root": service.served_name, "aliases": aliases})
         return {"object": "list", "data": data}
 
-    @app.post("/v1/chat/completions")
+    def body_schema(name: str) -> dict:
+        return {"requestBody": {"required": True, "content": {
+            "application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}}}
+
+    @app.post("/v1/chat/completions", openapi_extra=body_schema("ChatIn"))
     async def chat(request: Request):  # noqa: ANN202
-        raw = await _read_json(request, service.cfg.http.max_body_bytes)
+        tenant = tenant_of(request)
+        raw = await _read_json(request, service.cfg.http.max_body_bytes, service.cfg.http)
         try:
             req = ChatIn.model_validate(raw)
         except ValidationError as e:
             raise ApiError(422, _describe(e), code="invalid_fields") from None
         created = int(time.time())
         if not req.stream:
-            final, meta = service.begin_chat(req)
+            final, meta = service.begin_chat(req, tenant)
             result, extras = await asyncio.wrap_future(final)
             return {"id": meta["response_id"], "object": "chat.completion", "created": created,
                     "model": meta["model"], "system_fingerprint": None,
@@ -324,11 +564,16 @@ def create_app(service: Service) -> FastAPI:
                     "usage": _usage(result), **extras}
         loop = asyncio.get_running_loop()
         deltas: asyncio.Queue[str | None] = asyncio.Queue()
+        t0 = time.perf_counter()
+        first = [True]
 
         def on_delta(text: str) -> None:  # worker thread -> event loop, in order
+            if first[0]:
+                first[0] = False
+                metrics.first_token_seconds.observe(time.perf_counter() - t0)
             loop.call_soon_threadsafe(deltas.put_nowait, text)
 
-        final, meta = service.begin_chat(req, on_delta)
+        final, meta = service.begin_chat(req, tenant, on_delta)
         final.add_done_callback(lambda _f: loop.call_soon_threadsafe(deltas.put_nowait, None))
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
@@ -340,7 +585,7 @@ def create_app(service: Service) -> FastAPI:
             try:
                 result, extras = final.result()
             except Exception as e:  # noqa: BLE001 - the status line is gone; say it in the stream
-                yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'server_error'}})}\n\n"
+                yield f"data: {json.dumps(_error_body(str(e), 'server_error', 'internal_error'))}\n\n"
                 yield "data: [DONE]\n\n"
                 return
             yield _chunk(rid, model, created, {}, finish=result.finish_reason, extras=extras)
@@ -353,14 +598,16 @@ def create_app(service: Service) -> FastAPI:
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    @app.post("/v1/feedback", status_code=202)
+    @app.post("/v1/feedback", status_code=202, openapi_extra=body_schema("FeedbackIn"))
     async def feedback(request: Request):  # noqa: ANN202
-        raw = await _read_json(request, service.cfg.http.max_feedback_bytes)
+        tenant = tenant_of(request)
+        raw = await _read_json(request, service.cfg.http.max_feedback_bytes, service.cfg.http)
         try:
             fb = FeedbackIn.model_validate(raw)
         except ValidationError as e:
             raise ApiError(422, _describe(e), code="invalid_fields") from None
-        if not service.feedback_limit.allow(fb.user):
+        claims = service.verify_feedback(fb, tenant, request.client.host if request.client else "unknown")
+        if not service.feedback_limit.allow(_user_key(tenant, fb.user)):
             raise ApiError(429, f"user {fb.user} sent too much feedback; limit is "
                                 f"{service.cfg.http.feedback_per_minute:g}/minute", code="rate_limit_exceeded")
         fingerprint = json.dumps(fb.model_dump(), sort_keys=True)
@@ -368,24 +615,12 @@ def create_app(service: Service) -> FastAPI:
             seen = service.feedback_events.get(fb.event_id)
             if seen is not None:
                 return _replay(seen, fingerprint, fb.event_id)
-        issued: IssuedResponse | None = service.responses.get(fb.response_id)
-        if issued is None:
-            raise ApiError(404, f"unknown response_id {fb.response_id}: this server did not issue it, or it "
-                                f"was issued too long ago", code="unknown_response", param="response_id")
-        if issued.user_id != fb.user:
-            raise ApiError(403, f"response {fb.response_id} was not given to user {fb.user}; send feedback as "
-                                f"the user who received it", code="wrong_user", param="user")
-        try:
-            verify(service.secret, fb.feedback_token, fb.response_id, fb.user)
-        except TokenError as e:
-            raise ApiError(e.status, str(e), code="bad_token" if e.status == 401 else "token_expired",
-                           param="feedback_token") from None
         event_id = fb.event_id or f"fb-{uuid.uuid4().hex}"
         try:
             event = FeedbackEvent(event_id=event_id, created_at=now(), user_id=fb.user,
-                                  conversation_id=issued.conversation_id, response_id=fb.response_id,
-                                  adapter_version=issued.adapter_version, kind=fb.kind, edited_text=fb.edited_text,
-                                  dwell_seconds=fb.dwell_seconds, comment=fb.comment)
+                                  conversation_id=claims.conversation_id, response_id=fb.response_id,
+                                  adapter_version=claims.adapter_version, kind=fb.kind, edited_text=fb.edited_text,
+                                  dwell_seconds=fb.dwell_seconds, comment=fb.comment, tenant=claims.tenant)
         except ValidationError as e:
             raise ApiError(422, _describe(e), code="invalid_fields") from None
         answer = {"event_id": event_id, "status": "accepted"}
@@ -393,6 +628,7 @@ def create_app(service: Service) -> FastAPI:
         if stored[1] is not answer:  # a concurrent duplicate won the race: it published, we do not
             return _replay(stored, fingerprint, event_id)
         service.publisher.publish(service.topics["feedback"].name, fb.response_id, encode_event(event))
+        metrics.feedback.labels(fb.kind, version_label(claims.adapter_version)).inc()
         return JSONResponse(answer, status_code=202)
 
     def _replay(seen: tuple[str, dict], fingerprint: str, event_id: str) -> JSONResponse:
@@ -401,4 +637,20 @@ def create_app(service: Service) -> FastAPI:
                                 f"event_id per feedback", code="event_id_conflict", param="event_id")
         return JSONResponse(seen[1], status_code=202, headers={"Idempotent-Replayed": "true"})
 
+    def openapi() -> dict:
+        """FastAPI's schema plus the request bodies this module validates itself (for clients and fuzzers)."""
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in (ChatIn, FeedbackIn):
+                js = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(js.pop("$defs", {}))
+                components[model.__name__] = js
+            if service.keys.required:
+                schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+                schema["security"] = [{"bearer": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app

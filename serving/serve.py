@@ -52,20 +52,29 @@ class RegistryConfig:
 
 @dataclass
 class HttpConfig:
-    """Listener, feedback tokens, limits."""
+    """Listener, API keys, feedback tokens, body bounds, limits."""
 
     host: str = "127.0.0.1"
     port: int = 8000
+    # `key:tenant` or `sha256-<hex>:tenant` entries; [] = $FLYWHEEL_API_KEYS (comma-separated), else open
+    api_keys: list[str] = field(default_factory=list)
     token_secret: str = ""  # "" = $FLYWHEEL_TOKEN_SECRET or $FLYWHEEL_FEEDBACK_SECRET, else random per process
+    # rotation: every secret verifies, the first signs; [] = $FLYWHEEL_TOKEN_SECRETS, else token_secret
+    token_secrets: list[str] = field(default_factory=list)
     token_ttl_s: int = 7 * 24 * 3600
     max_body_bytes: int = 1_048_576  # chat requests
     max_feedback_bytes: int = 65_536
-    # per user; a person gives a few signals per answer, the simulator more: 0 = unlimited
+    max_json_depth: int = 16  # the deepest valid body (chat content parts) is 5 levels
+    max_number_chars: int = 64  # a JSON number longer than this is refused before it is converted
+    # per (tenant, user); a person gives a few signals per answer, the simulator more: 0 = unlimited
     feedback_per_minute: float = 600.0
     feedback_burst: int = 100
+    # per client address: failed token verifications (forgery attempts), counted apart from users
+    bad_token_per_minute: float = 60.0
+    bad_token_burst: int = 30
     chat_per_minute: float = 0.0  # per user; 0 = unlimited
     chat_burst: int = 20
-    max_responses: int = 200_000  # issued responses remembered for feedback (LRU)
+    max_responses: int = 200_000  # idempotency keys and regenerate-ownership hints remembered (LRU)
     log_level: str = "warning"
     gil_switch_interval_ms: float = 0.5  # Python's default is 5 ms
 
@@ -119,7 +128,8 @@ class Config:
 
     model.*       base model, dtype, device
     registry.*    MLflow registry model name, aliases, A/B challenger share, poll interval
-    http.*        host/port (loopback), feedback-token secret and lifetime, body limits, rate limits
+    http.*        host/port (loopback), API keys, feedback-token secrets and lifetime, body bounds,
+                  rate limits
     batching.*    dynamic batching (max batch, max wait)
     generation.*  default max_tokens / temperature / top_p, and the max_tokens ceiling
     events.*      Kafka bootstrap, spool folder, queue size, compression
@@ -136,15 +146,24 @@ class Config:
     vllm: VllmConfig = field(default_factory=VllmConfig)
 
 
-def token_secret(cfg: Config) -> bytes:
+def token_secrets(cfg: Config) -> list[bytes]:
+    """Accepted feedback-token secrets, the signing one first: config before environment."""
+    env = os.environ.get
+    listed = cfg.http.token_secrets or [s for s in env("FLYWHEEL_TOKEN_SECRETS", "").split(",") if s.strip()]
+    if cfg.http.token_secrets or (listed and not cfg.http.token_secret):
+        return [s.strip().encode() for s in listed if s.strip()]
     # FLYWHEEL_FEEDBACK_SECRET is the name infra/deploy/serving.yaml mounts from its Secret.
-    secret = (cfg.http.token_secret or os.environ.get("FLYWHEEL_TOKEN_SECRET", "")
-              or os.environ.get("FLYWHEEL_FEEDBACK_SECRET", ""))
+    secret = cfg.http.token_secret or env("FLYWHEEL_TOKEN_SECRET", "") or env("FLYWHEEL_FEEDBACK_SECRET", "")
     if not secret:
-        log.warning("no http.token_secret / FLYWHEEL_TOKEN_SECRET / FLYWHEEL_FEEDBACK_SECRET set: using a random "
-                    "one, so feedback tokens stop working when this process restarts")
+        log.warning("no http.token_secret(s) / FLYWHEEL_TOKEN_SECRET(S) / FLYWHEEL_FEEDBACK_SECRET set: using a "
+                    "random one, so feedback tokens stop working when this process restarts")
         secret = secrets.token_hex(32)
-    return secret.encode()
+    return [secret.encode()]
+
+
+def api_keys(cfg: Config) -> list[str]:
+    """`key:tenant` entries from http.api_keys, else $FLYWHEEL_API_KEYS (comma-separated)."""
+    return cfg.http.api_keys or [e for e in os.environ.get("FLYWHEEL_API_KEYS", "").split(",") if e.strip()]
 
 
 def build(cfg: Config):  # noqa: ANN201 - returns serving.app.Service
@@ -181,8 +200,8 @@ def build(cfg: Config):  # noqa: ANN201 - returns serving.app.Service
                                compression=cfg.events.compression,
                                delivery_timeout_ms=cfg.events.delivery_timeout_ms,
                                retry_interval_s=cfg.events.retry_interval_s, fsync=cfg.events.fsync)
-    service = Service(cfg=cfg, backend=backend, router=router, publisher=publisher, secret=token_secret(cfg),
-                      served_name=served_name)
+    service = Service(cfg=cfg, backend=backend, router=router, publisher=publisher,
+                      secrets=token_secrets(cfg), api_keys=api_keys(cfg), served_name=served_name)
     if cfg.registry.enabled:
         router.start(cfg.registry.poll_interval_s)
     service.app = create_app(service)
