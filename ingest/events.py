@@ -58,6 +58,9 @@ class _EventBase(_Strict):
     adapter_version: str | None = Field(
         default=None, max_length=256, description="registry version that produced the response; null = base"
     )
+    tenant: Id | None = Field(
+        default=None, description="the app (API key) the request came through; null = no API keys configured"
+    )
 
     @model_validator(mode="after")
     def _aware_timestamp(self):  # noqa: ANN202 - pydantic hook
