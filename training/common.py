@@ -21,6 +21,7 @@ from transformers import TrainerCallback
 
 from ingest import endpoints
 from ingest.config import to_dict
+from training import precision as precision_rules
 from training import registry
 
 # --- device and precision ---------------------------------------------------------------------
@@ -33,38 +34,30 @@ class Hardware:
     precision: str  # "bf16" | "fp16" | "fp32"
     n_devices: int  # processes launched by accelerate/torchrun (WORLD_SIZE), else 1
     name: str
+    decision: precision_rules.Precision | None = None  # what the precision was chosen from (logged, recorded)
+
+    def tags(self) -> dict[str, str]:
+        """MLflow run tags: the device, the precision and the CPU capability it was chosen from."""
+        out = {"device": self.device, "precision": self.precision}
+        if self.decision is not None:
+            out.update(cpu_model=self.decision.cpu_model, cpu_capability=self.decision.capability,
+                       precision_reason=self.decision.reason[:250])
+        return out
 
 
 def cpu_has_bf16() -> bool:
     """True when the CPU has native bf16 matmuls (avx512_bf16 / AMX); emulated bf16 is slower than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool(precision_rules.read_cpu().native_bf16)
 
 
 def detect_hardware(precision: str = "auto") -> Hardware:
-    """Pick the device and precision; `precision` is auto | bf16 | fp16 | fp32.
-
-    auto: bf16 on GPUs that support it (Ampere+), fp16 on older GPUs, bf16 on CPUs with native bf16
-    (measured 2x faster than fp32 here, STACK-NOTES), else fp32.
-    """
+    """Pick the device and precision (auto | bf16 | fp16 | fp32) with training.precision.decide, and log it."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if torch.cuda.is_available():
-        device, name = "cuda", torch.cuda.get_device_name(0)
-        auto = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        device, name, auto = "mps", "Apple MPS", "fp32"
-    else:
-        device, name = "cpu", f"CPU x{torch.get_num_threads()} threads"
-        auto = "bf16" if cpu_has_bf16() else "fp32"
-    chosen = auto if precision == "auto" else precision
-    if chosen not in ("bf16", "fp16", "fp32"):
-        raise ValueError(f"precision={precision!r} is not one of auto, bf16, fp16, fp32")
-    if chosen == "fp16" and device == "cpu":
-        raise ValueError("precision=fp16 needs a GPU; use precision=bf16 or fp32 on CPU")
-    return Hardware(device=device, precision=chosen, n_devices=world, name=name)
+    decision = precision_rules.announce(precision_rules.decide(precision))
+    name = decision.gpu or ("Apple MPS" if decision.device == "mps" else
+                            f"{decision.cpu_model} ({decision.capability}) x{decision.threads} threads")
+    return Hardware(device=decision.device.split(":", 1)[0], precision=decision.dtype, n_devices=world, name=name,
+                    decision=decision)
 
 
 def set_threads(threads: int) -> None:

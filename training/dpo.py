@@ -327,7 +327,7 @@ def main(cfg: Config) -> dict[str, Any]:
     common.prepare_for_autocast(trainer.model, hw)
 
     tags = {"trainer": "dpo", "dataset_version": version, "base_model": cfg.base_model, "start": start.label,
-            "device": hw.device, "precision": hw.precision}
+            **hw.tags()}
     is_main = common.is_main_process()
     run_ctx = common.start_mlflow_run(cfg.experiment, cfg.run_name or f"dpo-{version}", out, tags) \
         if is_main else contextlib.nullcontext()

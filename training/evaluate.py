@@ -59,7 +59,8 @@ class Config:
         topped up to n_winrate from eval_data/heldout.jsonl; dataset / file use only one of them
       n_winrate, n_benign, n_harmful, n_sycophancy, n_regression: prompts per set (0 skips the set)
     Generation:
-      max_new_tokens, batch_size, temperature (0 = greedy), top_p, seed, dtype
+      max_new_tokens, batch_size, temperature (0 = greedy), top_p, seed
+      dtype: auto = training.precision's choice for this CPU (bf16 only with avx512_bf16/AMX), or bf16 / fp32
       probe_temperature, probe_max_new_tokens: for the benign/harmful/sycophancy/regression probes;
         greedy by default so a probe rate moves only when the model does, not with sampling noise
         (probe sets are small: one answer is 6-12 points), and short because refusals, pushback and
@@ -92,7 +93,7 @@ class Config:
     temperature: float = 0.7
     top_p: float = 0.95
     seed: int = 0
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["auto", "bf16", "fp32", "bfloat16", "float32"] = "auto"
     probe_temperature: float = 0.0
     probe_max_new_tokens: int = 32
     threads: int = 0
@@ -284,12 +285,16 @@ class Policies:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from training import precision
+
         self.torch = torch
+        # Generation runs on the CPU here; the decision is logged and recorded in the report and the run.
+        self.precision = precision.announce(precision.decide(dtype, "cpu"))
         self.tok = AutoTokenizer.from_pretrained(base_path)
         self.tok.padding_side = "left"  # batched generation needs left padding
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token
-        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=getattr(torch, dtype))
+        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=self.precision.torch_dtype)
         if adapters:
             from peft import PeftModel
 
@@ -525,13 +530,17 @@ def write_chart(m: dict[str, float], path: Path, cand: str, base: str) -> None:
 
 
 def write_report(m: dict[str, float], details: dict, cfg: Config, cand: Side, base: Side, judge_name: str,
-                 folder: Path, gate_lines: list[str] | None) -> Path:
+                 folder: Path, gate_lines: list[str] | None, precision: dict[str, Any] | None = None) -> Path:
+    hw = precision or {}
     lines = [f"# Evaluation: {cand.label} vs {base.label}", "",
              f"- judge: `{judge_name}`; win-rate prompts: {details.get('winrate_source')}; "
              f"preference pairs: {details.get('pref_pairs', 0)}",
              f"- generation: max_new_tokens={cfg.max_new_tokens}, temperature={cfg.temperature}, top_p={cfg.top_p}, "
-             f"seed={cfg.seed}, dtype={cfg.dtype}; probes: temperature={cfg.probe_temperature}, "
-             f"max_new_tokens={cfg.probe_max_new_tokens}", ""]
+             f"seed={cfg.seed}, dtype={hw.get('dtype', cfg.dtype)}; probes: temperature={cfg.probe_temperature}, "
+             f"max_new_tokens={cfg.probe_max_new_tokens}",
+             f"- machine: {hw.get('cpu_model', '?')}, CPU capability {hw.get('cpu_capability', '?')}, native bf16: "
+             f"{', '.join(hw.get('cpu_native_bf16', [])) or 'none'}, {hw.get('threads', '?')} threads; dtype "
+             f"{cfg.dtype} -> {hw.get('dtype', '?')} ({hw.get('dtype_reason', '?')})", ""]
     if "win_rate" in m:
         lines += [f"**Win rate {m['win_rate']:.3f}** ({cfg.confidence:.0%} bootstrap CI {m['win_rate_ci_low']:.3f}–"
                   f"{m['win_rate_ci_high']:.3f}; {m['wins']:.0f} wins / {m['ties']:.0f} ties / {m['losses']:.0f} "
@@ -623,7 +632,9 @@ def main(cfg: Config) -> dict[str, Any]:
     mlflow.set_experiment(cfg.experiment)
     tags = {"flywheel.kind": "evaluation", "flywheel.candidate": cand.label, "flywheel.baseline": base.label,
             "flywheel.judge": judge.name, "flywheel.base_model": base_model,
-            "flywheel.dataset_version": dataset_version or "", "flywheel.winrate_source": details["winrate_source"]}
+            "flywheel.dataset_version": dataset_version or "", "flywheel.winrate_source": details["winrate_source"],
+            "flywheel.dtype": pol.precision.dtype, "flywheel.cpu_capability": pol.precision.capability,
+            "flywheel.cpu_model": pol.precision.cpu_model}
     if cand.ref is not None:
         tags.update({"flywheel.candidate_name": cand.ref.name, "flywheel.candidate_version": cand.ref.version,
                      "flywheel.candidate_run_id": cand.ref.run_id or ""})
@@ -634,7 +645,8 @@ def main(cfg: Config) -> dict[str, Any]:
         folder = Path(cfg.report_dir) if cfg.report_dir else endpoints.var_dir() / "eval" / run_id
         folder.mkdir(parents=True, exist_ok=True)
         write_chart(metrics, folder / "chart.png", cand.label, base.label)
-        write_report(metrics, details, cfg, cand, base, judge.name, folder, decision.lines if decision else None)
+        write_report(metrics, details, cfg, cand, base, judge.name, folder, decision.lines if decision else None,
+                     pol.precision.record())
         (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         with open(folder / "samples.jsonl", "w") as f:
             for name, rows in details["samples"].items():
@@ -652,7 +664,8 @@ def main(cfg: Config) -> dict[str, Any]:
         gate.record(decision, run_id, cand.ref)
     result: dict[str, Any] = {"run_id": run_id, "candidate": cand.label, "baseline": base.label,
                               "report": str(folder / "report.md"),
-                              "metrics": {k: round(v, 6) for k, v in metrics.items()}}
+                              "metrics": {k: round(v, 6) for k, v in metrics.items()},
+                              "precision": pol.precision.record()}
     if decision is not None:
         result["gate"] = {"passed": decision.passed, "lines": decision.lines}
     print(json.dumps(result), flush=True)

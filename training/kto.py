@@ -141,7 +141,7 @@ def main(cfg: Config) -> dict[str, Any]:
                          processing_class=tokenizer, peft_config=peft_config, callbacks=[metrics_cb])
 
     tags = {"trainer": "kto", "dataset_version": version, "base_model": cfg.base_model, "start": start.label,
-            "device": hw.device, "precision": hw.precision}
+            **hw.tags()}
     is_main = common.is_main_process()
     run_ctx = common.start_mlflow_run(cfg.experiment, cfg.run_name or f"kto-{version}", out, tags) \
         if is_main else contextlib.nullcontext()

@@ -221,7 +221,7 @@ def main(cfg: Config) -> dict[str, Any]:
 
     history: list[dict[str, float]] = []
     tags = {"trainer": "ppo", "dataset_version": version, "base_model": cfg.base_model, "reward": cfg.reward_model,
-            "start": start.label, "device": hw.device, "precision": hw.precision}
+            "start": start.label, **hw.tags()}
     with common.start_mlflow_run(cfg.experiment, cfg.run_name or f"ppo-{version}", out, tags) as run:
         import mlflow
 

@@ -176,7 +176,7 @@ def main(cfg: Config) -> dict[str, Any]:
     metrics_cb = common.MlflowMetrics(hw.device)
     trainer = RewardTrainer(model=model, args=args, train_dataset=train_tok, eval_dataset=heldout_tok,
                             processing_class=tokenizer, callbacks=[metrics_cb])
-    tags = {"trainer": "reward_model", "dataset_version": version, "backbone": cfg.backbone}
+    tags = {"trainer": "reward_model", "dataset_version": version, "backbone": cfg.backbone, **hw.tags()}
     is_main = common.is_main_process()
     run_ctx = common.start_mlflow_run(cfg.experiment, cfg.run_name or f"reward-{version}", out, tags) \
         if is_main else contextlib.nullcontext()
