@@ -28,7 +28,7 @@ class ModelConfig:
     """Base model and where it runs."""
 
     base: str = "smollm2"  # endpoints.model_path name ("tiny", "smollm2") or a folder
-    dtype: str = "auto"  # auto = bf16 (faster than fp32 on these CPUs: STACK-NOTES)
+    dtype: str = "auto"  # auto = training.precision decides from the hardware (bf16 only where native)
     device: str = "auto"
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     served_name: str = ""  # id of the base in /v1/models and responses; "" = the value of `base`
