@@ -18,6 +18,7 @@ The last stdout line is a JSON summary.
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import sys
@@ -78,7 +79,8 @@ def load_prompts(split: Literal["train", "heldout"]) -> list[str]:
 class Config:
     """Simulated traffic against a running Flywheel server.
 
-    Server: server_url, timeout_s, concurrency.
+    Server: server_url, timeout_s, concurrency, api_key ("" = $FLYWHEEL_API_KEY, else the first key of
+      $FLYWHEEL_API_KEYS, else none: a server without keys configured is open).
     Population: n_users, seed, adversarial_share, noise.
     Behaviour: preference, p_thumbs, p_implicit, max_regenerations, p_edit, p_abandon.
     Workload: mode (traffic = chat + feedback on the train prompts; measure = held-out rate, no feedback),
@@ -87,6 +89,7 @@ class Config:
     """
 
     server_url: str = ""
+    api_key: str = ""
     timeout_s: float = 600.0
     concurrency: int = 8
     n_users: int = 20
@@ -122,7 +125,10 @@ class Simulation:
         self.cfg = cfg
         self.likes = PREFERENCES[cfg.preference]
         self.url = (cfg.server_url or f"http://127.0.0.1:{endpoints.port('serving')}").rstrip("/")
+        key = cfg.api_key or os.environ.get("FLYWHEEL_API_KEY", "") or \
+            os.environ.get("FLYWHEEL_API_KEYS", "").split(",")[0].rpartition(":")[0].strip()
         self.http = httpx.Client(base_url=self.url, timeout=cfg.timeout_s,
+                                 headers={"Authorization": f"Bearer {key}"} if key else None,
                                  limits=httpx.Limits(max_connections=cfg.concurrency * 2))
         rng = random.Random(cfg.seed)
         n_adv = round(cfg.n_users * cfg.adversarial_share)

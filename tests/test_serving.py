@@ -29,7 +29,7 @@ import pytest
 from ingest import endpoints
 from ingest.config import load_config
 from ingest.events import FeedbackEvent, ResponseEvent, parse_event
-from serving.feedback import sign
+from serving.feedback import FeedbackClaims, FeedbackTokens
 from serving.publisher import read_topic
 from serving.serve import BackgroundServer, Config
 
@@ -145,18 +145,21 @@ def test_hostile_inputs_get_4xx_and_emit_nothing(server):
     other = chat(server, user="carol")
     rid, tok = good["response_id"], good["feedback_token"]
     fb = {"response_id": rid, "feedback_token": tok, "user": "bob", "kind": "thumbs_up"}
-    expired = sign(SECRET.encode(), rid, "bob", int(time.time()) - 10)
-    forged = tok.split(".")[0] + "." + "0" * 64
+    expired = FeedbackTokens([SECRET.encode()]).issue(
+        FeedbackClaims(rid, "bob", good["conversation_id"], None, int(time.time()) - 10))
+    forged = FeedbackTokens([b"not-the-secret"]).issue(
+        FeedbackClaims(rid, "bob", good["conversation_id"], None, int(time.time()) + 100))
     msgs = [{"role": "user", "content": "hi"}]
     F, C = "/v1/feedback", "/v1/chat/completions"
     cases = [
         # (name, path, body or raw bytes, headers, expected status)
         ("forged token", F, {**fb, "feedback_token": forged}, None, 401),
         ("malformed token", F, {**fb, "feedback_token": "nonsense"}, None, 401),
+        ("non-ASCII digits in token", F, {**fb, "feedback_token": "²³¹." + "a" * 64}, None, 401),
         ("other user's token", F, {**fb, "feedback_token": other["feedback_token"]}, None, 401),
         ("feedback as another user", F, {**fb, "user": "carol"}, None, 403),
         ("expired token", F, {**fb, "feedback_token": expired}, None, 410),
-        ("unknown response", F, {**fb, "response_id": "chatcmpl-doesnotexist"}, None, 404),
+        ("token of another response", F, {**fb, "response_id": "chatcmpl-doesnotexist"}, None, 401),
         ("huge body", F, {**fb, "comment": "x" * 100_000}, None, 413),
         ("wrong type kind", F, {**fb, "kind": 5}, None, 422),
         ("unknown kind", F, {**fb, "kind": "love"}, None, 422),
@@ -171,6 +174,9 @@ def test_hostile_inputs_get_4xx_and_emit_nothing(server):
         ("bad JSON", F, b'{"response_id": ', None, 400),
         ("invalid UTF-8", F, b'{"response_id": "\xff\xfe"}', None, 400),
         ("JSON array", F, b"[1, 2]", None, 400),
+        ("huge number", F, b'{"response_id": ' + b"9" * 5000 + b"}", None, 400),
+        ("deep nesting", F, b'{"a": ' + b"[" * 5000 + b"]" * 5000 + b"}", None, 400),
+        ("NaN", F, b'{"dwell_seconds": NaN}', None, 400),
         ("not JSON content-type", F, b"response_id=1", {"content-type": "application/x-www-form-urlencoded"}, 415),
         ("chat: no messages", C, {"messages": []}, None, 422),
         ("chat: messages not a list", C, {"messages": "hi"}, None, 422),
@@ -182,6 +188,7 @@ def test_hostile_inputs_get_4xx_and_emit_nothing(server):
         ("chat: max_tokens above ceiling", C, {"messages": msgs, "max_tokens": 100_000}, None, 400),
         ("chat: unknown adapter", C, {"messages": msgs, "adapter": "999"}, None, 404),
         ("chat: adapter garbage", C, {"messages": msgs, "adapter": "drop table"}, None, 404),
+        ("chat: unknown model", C, {"messages": msgs, "model": "gpt-4o"}, None, 404),
         ("chat: prompt too long", C, {"messages": [{"role": "user", "content": "word " * 3000}]}, None, 400),
         ("chat: huge body", C, {"messages": [{"role": "user", "content": "x" * 2_000_000}]}, None, 413),
         ("chat: regenerate other user's answer", C, {"messages": msgs, "user": "bob",

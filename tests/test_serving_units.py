@@ -1,37 +1,62 @@
-"""Pure pieces of serving, no stack: feedback tokens, rate limits, idempotency store, A/B split,
+"""Pure pieces of serving, no stack: feedback tokens, API keys, rate limits, idempotency store, A/B split,
 adapter names, every serving config file, and the engine's batched decoding on the tiny model."""
 
 from __future__ import annotations
 
 import hashlib
-import hmac
 from pathlib import Path
 
 import pytest
 
 from ingest.config import load_config
-from serving.feedback import LRU, RateLimiter, TokenError, sign, verify
+from serving.feedback import LRU, ApiKeys, FeedbackClaims, FeedbackTokens, RateLimiter, TokenError
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_token_is_hmac_of_response_user_expiry():
-    """sign(b"k", "r1", "u1", 100) = "100." + HMAC-SHA256(b"k", b"r1|u1|100"), worked out by hashlib."""
-    mac = hmac.new(b"k", b"r1|u1|100", hashlib.sha256).hexdigest()
-    assert sign(b"k", "r1", "u1", 100) == f"100.{mac}"
-    assert verify(b"k", f"100.{mac}", "r1", "u1", now=99) == 100
-    for token, rid, user, now, status in [
-        (f"100.{mac}", "r1", "u2", 99, 401),       # another user
-        (f"100.{mac}", "r2", "u1", 99, 401),       # another response
-        (f"101.{mac}", "r1", "u1", 99, 401),       # expiry edited
-        ("garbage", "r1", "u1", 99, 401),
-        (f"100.{mac}", "r1", "u1", 101, 410),      # expired
-    ]:
+def test_token_carries_its_claims_and_only_accepted_secrets_verify():
+    """A token round-trips every claim; any change to it, a secret not in the list, or the clock past
+    `expires` refuses it (401 / 410); the first secret signs and the others still verify (rotation)."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    ids = st.text(alphabet="abcXYZ019_.:@/-", min_size=1, max_size=40)
+    claims = st.builds(FeedbackClaims, ids, ids, ids, st.none() | ids, st.integers(0, 2**40), st.none() | ids)
+
+    @settings(max_examples=200, deadline=None, database=None)
+    @given(c=claims, flip=st.integers(0, 10_000), junk=st.text(max_size=30))
+    def prop(c: FeedbackClaims, flip: int, junk: str) -> None:
+        tokens = FeedbackTokens([b"new", b"old"])
+        token = tokens.issue(c)
+        assert tokens.verify(token, now=c.expires) == c
+        assert FeedbackTokens([b"old"]).verify(FeedbackTokens([b"old"]).issue(c), now=0) == c
+        assert tokens.verify(FeedbackTokens([b"old"]).issue(c), now=0) == c  # still accepted while rotating
+        i = flip % len(token)
+        altered = token[:i] + ("A" if token[i] != "A" else "B") + token[i + 1:]
+        for bad in (altered, junk, token + junk if junk else token + "x"):
+            if bad == token:
+                continue
+            with pytest.raises(TokenError) as e:
+                tokens.verify(bad, now=0)
+            assert e.value.status == 401
         with pytest.raises(TokenError) as e:
-            verify(b"k", token, rid, user, now=now)
-        assert e.value.status == status
-    with pytest.raises(TokenError):
-        verify(b"other-secret", f"100.{mac}", "r1", "u1", now=99)
+            FeedbackTokens([b"old"]).verify(token, now=0)  # signed with "new", which "old"-only does not know
+        assert e.value.status == 401
+        with pytest.raises(TokenError) as e:
+            tokens.verify(token, now=c.expires + 1)
+        assert e.value.status == 410
+
+    prop()
+
+
+def test_api_keys_are_kept_as_digests_and_map_to_tenants():
+    keys = ApiKeys(["k1:app-one", f"sha256-{hashlib.sha256(b'k2').hexdigest()}:app-two"])
+    assert keys.required and not ApiKeys([]).required
+    assert (keys.tenant("k1"), keys.tenant("k2"), keys.tenant("k3"), keys.tenant("²")) == ("app-one", "app-two",
+                                                                                             None, None)
+    assert "k1" not in repr(vars(keys))  # only digests are held
+    with pytest.raises(ValueError, match="key:tenant"):
+        ApiKeys(["no-tenant-here"])
 
 
 def test_rate_limiter_token_bucket():
@@ -41,6 +66,8 @@ def test_rate_limiter_token_bucket():
     assert rl.allow("b", now=0.0)  # per user
     assert rl.allow("a", now=1.0) and not rl.allow("a", now=1.0)
     assert all(RateLimiter(0, 1).allow("a") for _ in range(100))  # 0 = unlimited
+    assert rl.has_room("b", now=1.0) and not rl.has_room("a", now=1.0)  # has_room takes nothing
+    assert rl.has_room("a", now=2.0) and rl.allow("a", now=2.0)
 
 
 def test_lru_setdefault_is_first_writer_wins():
