@@ -237,3 +237,26 @@ def test_no_config_in_the_repo_pins_a_dtype() -> None:
     pins = [f"{p.relative_to(REPO)}: {pin}" for p in files for doc in yaml.safe_load_all(p.read_text())
             for pin in pinned_dtypes(doc)]
     assert pins == [], "configs must say precision/dtype: auto (training.precision decides from the hardware)"
+
+
+# --- benchmarks say where they ran --------------------------------------------------------------
+
+def test_bench_json_records_the_machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, avx2_machine: None) -> None:
+    from tests.benchmarks import _machine
+
+    monkeypatch.setattr(_machine, "BENCH_DIR", tmp_path)
+    path = _machine.save("x.json", {"tokens_per_s": 1.0}, dtype=torch.bfloat16, threads=3)
+    rec = yaml.safe_load(path.read_text())  # JSON is YAML
+    assert rec["tokens_per_s"] == 1.0
+    m = rec["machine"]
+    assert (m["cpu_model"], m["cpu_capability"], m["threads"], m["dtype"]) == ("AMD EPYC 7B13", "AVX2", 3, "bf16")
+    assert (m["auto_dtype"], m["cpu_native_bf16"]) == ("fp32", [])  # a pinned bf16 on AVX2 stands out
+    assert _machine.machine(None)["dtype"] is None
+
+
+def test_every_benchmark_writes_through_the_machine_record() -> None:
+    benches = sorted((REPO / "tests" / "benchmarks").glob("bench_*.py"))
+    assert len(benches) >= 5
+    for path in benches:
+        src = path.read_text()
+        assert "from tests.benchmarks._machine import" in src, f"{path.name} writes var/bench without the machine record"

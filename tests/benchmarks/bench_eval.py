@@ -7,7 +7,9 @@ what the adapter learned. Results go to var/bench/eval.json.
 
 Threads: FLYWHEEL_BENCH_THREADS (default 1). On the shared 2-core dev machine the cores are
 oversubscribed, and 2 spinning OpenMP threads were ~10x slower than 1 on the tiny model; set 2 on
-an idle machine. The thread count is recorded with the figures.
+an idle machine. Both settings run in dtype auto (training.precision: bf16 where the CPU has it
+natively, else fp32); each entry's "machine" record (tests/benchmarks/_machine.py) says the CPU, its
+capability, the threads and the dtype the suite actually ran in.
 
     make bench PYTEST_ARGS="-k eval"       # or: .venv/bin/python -m pytest -q -s tests/benchmarks/bench_eval.py
 """
@@ -21,13 +23,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.benchmarks._machine import BENCH_DIR, machine
+
 REPO = Path(__file__).resolve().parents[2]
 THREADS = int(os.environ.get("FLYWHEEL_BENCH_THREADS", "1"))
 SUITE = {  # small enough for ~1-2 min per setting on SmolLM2 with 2 cores
     "tiny": {"n_winrate": 32, "n_benign": 8, "n_harmful": 8, "n_sycophancy": 8, "n_regression": 8,
-             "max_new_tokens": 48, "dtype": "float32", "batched": 48},
+             "max_new_tokens": 48, "dtype": "auto", "batched": 48},
     "smollm2": {"n_winrate": 16, "n_benign": 4, "n_harmful": 4, "n_sycophancy": 4, "n_regression": 4,
-                "max_new_tokens": 64, "dtype": "bfloat16", "batched": 16},
+                "max_new_tokens": 64, "dtype": "auto", "batched": 16},
 }
 
 
@@ -65,7 +69,8 @@ def run_suite(candidate: Path, base_model: str, batch_size: int, settings: dict)
     n = settings["n_winrate"] + sum(settings[k] for k in ("n_benign", "n_harmful", "n_sycophancy", "n_regression"))
     return {"wall_s": round(wall, 2), "suite_s": round(m["eval_seconds"], 2), "prompts": n,
             "generations": 2 * n, "prompts_per_s": round(n / wall, 3),
-            "generations_per_s": round(m["prompts_per_second"], 3), "batch_size": batch_size}
+            "generations_per_s": round(m["prompts_per_second"], 3), "batch_size": batch_size,
+            "dtype": result["precision"]["dtype"]}
 
 
 @pytest.mark.bench
@@ -81,12 +86,14 @@ def test_bench_eval_suite(stack, tmp_path, base_model):
     batched = run_suite(adapter, base_model, settings["batched"], settings)
     unbatched = run_suite(adapter, base_model, 1, settings)
     ratio = unbatched["wall_s"] / batched["wall_s"]
-    record = {"model": base_model, "dtype": settings["dtype"], "threads": THREADS, "load_avg_1m": os.getloadavg()[0], "max_new_tokens": settings["max_new_tokens"],
+    assert batched["dtype"] == unbatched["dtype"]
+    record = {"machine": machine(batched["dtype"], THREADS), "model": base_model, "dtype": batched["dtype"],
+              "requested_dtype": settings["dtype"], "threads": THREADS, "max_new_tokens": settings["max_new_tokens"],
               "batched": batched, "baseline_unbatched": unbatched, "speedup_vs_unbatched": round(ratio, 2)}
     print(f"\neval suite on {base_model}: {batched['prompts']} prompts x 2 models in {batched['wall_s']:.1f}s "
           f"({batched['prompts_per_s']:.2f} prompts/s, batch {batched['batch_size']}); unbatched baseline "
           f"{unbatched['wall_s']:.1f}s -> {ratio:.2f}x")
-    out = REPO / "var" / "bench" / "eval.json"
+    out = BENCH_DIR / "eval.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     data = json.loads(out.read_text()) if out.is_file() else {}
     data[base_model] = record

@@ -22,8 +22,8 @@ import pytest
 from ingest import pii, synthetic
 from ingest.build_dataset import Config, build, flag_poisoners, spark_session, user_cap
 from ingest.pairing import Answer, PairingConfig, rows_for_prompt
+from tests.benchmarks._machine import save
 
-REPO = Path(__file__).resolve().parents[2]
 SIZES = [int(x) for x in os.environ.get("BENCH_BUILD_EVENTS", "1000000,4000000").split(",")]
 EVENTS_PER_CONV = 2.45  # measured mean of synthetic.generate
 
@@ -167,6 +167,5 @@ def test_bench_build_spark_vs_polars(tmp_path):
 
 
 def _save(results: dict) -> None:
-    out = REPO / "var" / "bench" / "ingest_build.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    # No tensors here (dtype None); the machine record still says which CPU and how many cores.
+    save("ingest_build.json", results, dtype=None)

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from ingest import synthetic
+from tests.benchmarks._machine import save
 
-REPO = Path(__file__).resolve().parents[2]
 N_CONV = int(os.environ.get("BENCH_LANDING_CONVERSATIONS", "40000"))  # ~100k events
 
 
@@ -101,6 +101,4 @@ def test_bench_landing_vs_bare_loop(stack, monkeypatch, tmp_path):
               "ratio": round(land / bare, 3), "target_ratio": 0.7,
               "rounds": {"bare": [round(x) for x in bares], "landing": [round(x) for x in lands]}}
     print("\nBENCH ingest_landing", json.dumps(result))
-    out = REPO / "var" / "bench" / "ingest_landing.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    save("ingest_landing.json", result, dtype=None)  # no tensors; the record says which CPU and cores

@@ -4,7 +4,7 @@
                broker), against GET /healthz on the same server (the HTTP floor). Target p99 <= 5 ms.
                The server runs as its own process (`python -m serving`), so client and server do
                not share a GIL.
-  batching     chat tokens/s on SmolLM2-135M (bf16) at concurrency 8 vs concurrency 1 through the
+  batching     chat tokens/s on SmolLM2-135M (dtype auto) at concurrency 8 vs concurrency 1 through the
                engine's dynamic batcher. Target >= 4x.
   adapter      tokens/s at concurrency 8 with every request on a LoRA adapter (r=16, all linear
                layers, like training's): hot (merged, as the champion is served) and unmerged
@@ -15,7 +15,9 @@
   switch       time for the server to move to a newly promoted champion: cold (download + load at
                promotion) vs prefetched (the version was @challenger first, so only routing moves).
 
-Results: var/bench/serving_<name>.json. Threads: FLYWHEEL_BENCH_THREADS (default 1: the shared
+Results: var/bench/serving_<name>.json, each with the "machine" record (tests/benchmarks/_machine.py:
+CPU, capability, threads, the dtype the engine ran in). The engine's dtype is auto (training.precision).
+Threads: FLYWHEEL_BENCH_THREADS (default 1: the shared
 2-core machine is oversubscribed, where 2 spinning OpenMP threads were up to 15x slower than 1).
 
     make bench PYTEST_ARGS="-k serving"   # or: .venv/bin/python -m pytest -q -s tests/benchmarks/bench_serving.py
@@ -37,17 +39,16 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.benchmarks._machine import save as save_json
+
 REPO = Path(__file__).resolve().parents[2]
 THREADS = int(os.environ.get("FLYWHEEL_BENCH_THREADS", "1"))
-OUT = REPO / "var" / "bench"
 
 
-def save(name: str, data: dict) -> None:
-    OUT.mkdir(parents=True, exist_ok=True)
-    data = {"threads": THREADS, "load_avg_1m": os.getloadavg()[0], "at": time.strftime("%Y-%m-%dT%H:%M:%SZ"),
-            **data}
-    (OUT / f"serving_{name}.json").write_text(json.dumps(data, indent=2))
-    print(f"\n[serving/{name}] " + json.dumps(data))
+def save(name: str, data: dict, dtype: str | None, threads: int = THREADS) -> None:
+    """var/bench/serving_<name>.json with the machine record; `dtype` is what the measured engine ran in."""
+    path = save_json(f"serving_{name}.json", data, dtype=dtype, threads=threads)
+    print(f"\n[serving/{name}] " + path.read_text())
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -130,13 +131,15 @@ def test_feedback_latency(server_process):
         return workers * per / (time.perf_counter() - t0)
 
     rps_fb, rps_hz = throughput(feedback), throughput(health)
-    state = httpx.get(url + "/healthz").json()["events"]
+    health = httpx.get(url + "/healthz").json()
+    state, server = health["events"], health["backend"]  # the server process's engine: its dtype and threads
     save("feedback", {
         "feedback_p50_ms": round(statistics.median(fb), 3), "feedback_p99_ms": round(pct(fb, 99), 3),
         "healthz_p50_ms": round(statistics.median(hz), 3), "healthz_p99_ms": round(pct(hz, 99), 3),
         "feedback_rps_8_clients": round(rps_fb, 1), "healthz_rps_8_clients": round(rps_hz, 1),
         "ratio_p50_feedback_vs_healthz": round(statistics.median(fb) / statistics.median(hz), 2),
-        "producer": {k: state[k] for k in ("mode", "sent", "spooled", "published")}, "target_p99_ms": 5.0})
+        "producer": {k: state[k] for k in ("mode", "sent", "spooled", "published")}, "target_p99_ms": 5.0},
+        dtype=server["precision"]["dtype"], threads=server["precision"]["threads"])
     assert state["mode"] == "direct" and state["spooled"] == 0
 
 
@@ -197,7 +200,7 @@ def test_batching_speedup(smollm2_engine):
     ratio = c8["tokens_per_s"] / base1["tokens_per_s"]
     save("batching", {"model": "smollm2", "baseline_concurrency_1": base1, "concurrency_8": c8,
                       "batches_at_c8": engine.stats["batches"] - batches_before,
-                      "ratio_c8_vs_c1": round(ratio, 2), "target_ratio": 4.0})
+                      "ratio_c8_vs_c1": round(ratio, 2), "target_ratio": 4.0}, engine.precision.dtype)
 
 
 def test_continuous_batching(smollm2_engine):
@@ -217,7 +220,8 @@ def test_continuous_batching(smollm2_engine):
         engine.max_batch, engine.continuous = 8, True
     save("continuous", {"model": "smollm2", "baseline_static": static, "continuous": continuous,
                         "ratio_tokens_per_s": round(continuous["tokens_per_s"] / static["tokens_per_s"], 2),
-                        "ratio_mean_latency": round(continuous["mean_latency_s"] / static["mean_latency_s"], 2)})
+                        "ratio_mean_latency": round(continuous["mean_latency_s"] / static["mean_latency_s"], 2)},
+         engine.precision.dtype)
 
 
 def test_adapter_overhead(smollm2_engine):
@@ -244,7 +248,7 @@ def test_adapter_overhead(smollm2_engine):
                      "tokens_per_s": tps, "baseline": "base", "runs": runs,
                      "overhead_pct": {k: round(100 * (1 - v / tps["base"]), 1) for k, v in tps.items()
                                       if k != "base"},
-                     "target_overhead_pct": 15.0})
+                     "target_overhead_pct": 15.0}, engine.precision.dtype)
 
 
 def _step_ms(engine, adapter: str, rounds: int = 12) -> dict[str, float]:  # noqa: ANN001
@@ -320,4 +324,5 @@ def test_adapter_switch_time(stack, smollm2_engine, tmp_path):
     save("switch", {"model": "smollm2", "cold_switch_s (download+load+route)": round(cold, 3),
                     "prefetched_switch_s (route only)": round(warm, 3),
                     "ratio_cold_vs_prefetched": round(cold / warm, 1),
-                    "note": "plus up to registry.poll_interval_s (default 2 s) until the poller sees the alias"})
+                    "note": "plus up to registry.poll_interval_s (default 2 s) until the poller sees the alias"},
+         smollm2_engine.precision.dtype)
