@@ -67,22 +67,21 @@ def encode_entry(environ: dict[str, Any], body: bytes) -> bytes:
     return _HEAD.pack(MAGIC, len(head), len(body)) + head + body + _CRC.pack(zlib.crc32(body, zlib.crc32(head)))
 
 
-def read_entries(path: Path) -> tuple[list[tuple[dict[str, Any], bytes]], int]:
-    """All whole entries of a journal and the byte length they span (a torn tail is not counted)."""
-    data = path.read_bytes() if path.exists() else b""
-    entries, pos = [], 0
-    while pos + _HEAD.size <= len(data):
-        magic, hlen, blen = _HEAD.unpack_from(data, pos)
-        end = pos + _HEAD.size + hlen + blen + _CRC.size
-        if magic != MAGIC or end > len(data):
-            break
-        head = data[pos + _HEAD.size: pos + _HEAD.size + hlen]
-        body = data[pos + _HEAD.size + hlen: end - _CRC.size]
-        if _CRC.unpack_from(data, end - _CRC.size)[0] != zlib.crc32(body, zlib.crc32(head)):
-            break
-        entries.append((json.loads(head), body))
-        pos = end
-    return entries, pos
+def read_entries(path: Path) -> Iterator[tuple[dict[str, Any], bytes, int]]:
+    """Whole entries of a journal, each with the offset where it ends; stops at a torn or corrupt tail."""
+    if not path.exists():
+        return
+    with open(path, "rb") as f:
+        end = 0
+        while len(raw := f.read(_HEAD.size)) == _HEAD.size:
+            magic, hlen, blen = _HEAD.unpack(raw)
+            if magic != MAGIC:
+                return
+            head, body, crc = f.read(hlen), f.read(blen), f.read(_CRC.size)
+            if len(crc) != _CRC.size or _CRC.unpack(crc)[0] != zlib.crc32(body, zlib.crc32(head)):
+                return
+            end += _HEAD.size + hlen + blen + _CRC.size
+            yield json.loads(head), body, end
 
 
 def call(app: WSGIApp, environ: dict[str, Any], body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
@@ -153,13 +152,14 @@ class Journal:
     def recover(self) -> dict[str, float]:
         """Replay the journal into the app, then replace it with its compacted form."""
         t0 = time.monotonic()
-        entries, good = read_entries(self.path)
-        torn = (self.path.stat().st_size - good) if self.path.exists() else 0
-        for environ, body in entries:
+        replayed = good = 0
+        for environ, body, end in read_entries(self.path):
+            replayed, good = replayed + 1, end
             status, _, data = call(self.app, environ, body)
             if not 200 <= status < 300:  # the same request succeeded before: the store diverged
                 raise RuntimeError(f"journal replay: {environ.get('REQUEST_METHOD')} {environ.get('RAW_URI')} "
                                    f"answered {status} ({data[:200]!r}); {self.path} does not replay cleanly")
+        torn = (self.path.stat().st_size - good) if self.path.exists() else 0
         tmp = self.path.with_name(self.path.name + ".compact")
         n = 0
         with open(tmp, "wb") as f:
@@ -175,7 +175,7 @@ class Journal:
         finally:
             os.close(dir_fd)
         self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
-        return {"replayed": len(entries), "compacted_to": n, "torn_bytes": torn,
+        return {"replayed": replayed, "compacted_to": n, "torn_bytes": torn,
                 "seconds": round(time.monotonic() - t0, 3)}
 
     def __call__(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
