@@ -220,8 +220,12 @@ def main(cfg: Config) -> dict:
     report_dir.mkdir(parents=True, exist_ok=True)
     started: list[stack.Component] = []
     server = serving_component(cfg)
+    from training import precision
+
+    # Every job's config says dtype auto, so this is the dtype each of them picks here (they log it too).
     report: dict = {"base_model": cfg.base_model, "preference": cfg.preference,
-                    "adversarial_share": cfg.adversarial_share, "sabotage": cfg.sabotage}
+                    "adversarial_share": cfg.adversarial_share, "sabotage": cfg.sabotage,
+                    "precision": precision.decide("auto").record()}
     try:
         with Stage("models"):
             models.check_minilm()
@@ -242,6 +246,7 @@ def main(cfg: Config) -> dict:
             server.start()
             started.append(server)
             report["adapter_before"] = serving_health().get("adapters")
+            report["serving_precision"] = (serving_health().get("backend") or {}).get("precision")
 
         window_start = datetime.now(UTC) - timedelta(minutes=1)
         with Stage("traffic + measure before"):
@@ -421,6 +426,9 @@ def print_summary(report: dict, path: Path) -> None:
     print(f"Flywheel demo — hidden preference {report['preference']!r} on {report['base_model']}")
     if before is not None and after is not None:
         print(f"  held-out thumbs-up rate  {before:6.1%}  ->  {after:6.1%}   ({(after - before) * 100:+.1f} points)")
+    hw = report.get("precision") or {}
+    print(f"  machine                  {hw.get('cpu_model')} ({hw.get('cpu_capability')}), dtype {hw.get('dtype')}: "
+          f"{hw.get('dtype_reason')}")
     print(f"  dataset version          {report.get('dataset_version')}")
     print(f"  model version            {report.get('model_version')}  (champion: {report.get('champion_version')})")
     print(f"  MLflow run               {report.get('mlflow_run')}")
