@@ -248,19 +248,22 @@ def test_fuzz_from_the_openapi_schema_no_5xx(base):
     fast = settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, derandomize=True,
                     suppress_health_check=list(HealthCheck))
     operations = [op.ok() for op in schema.get_all_operations()]
+
+    def run_cases(cases: st.SearchStrategy, mode: str) -> None:
+        @fast
+        @given(case=cases)
+        def one(case) -> None:  # noqa: ANN001
+            sent["schemathesis"] += 1
+            _check(case.call(), f"{case.method} {case.path} {mode} {case.body!r:.200}")
+
+        one()
+
     assert {o.path for o in operations} >= {"/v1/chat/completions", "/v1/feedback", "/v1/models"}
     for op in operations:
         # a GET without parameters has no way to violate its schema
         modes = [GenerationMode.POSITIVE] + ([GenerationMode.NEGATIVE] if op.method.upper() == "POST" else [])
         for mode in modes:
-
-            @fast
-            @given(case=op.as_strategy(generation_mode=mode))
-            def one(case, mode: str = mode.value) -> None:  # noqa: ANN001
-                sent["schemathesis"] += 1
-                _check(case.call(), f"{case.method} {case.path} {mode} {case.body!r:.200}")
-
-            one()
+            run_cases(op.as_strategy(generation_mode=mode), mode.value)
 
     c = client(svc)
     bodies = st.one_of(st.dictionaries(st.sampled_from(["messages", "model", "max_tokens", "user", "kind",
@@ -325,3 +328,61 @@ def test_json_bounds_hold_for_any_value():
     with pytest.raises(ApiError):
         parse_json_body(b'["' + b'a\\"' * 300_000, 16, 64)  # an unterminated string of escaped quotes
     assert time.perf_counter() - started < 2.0  # linear, not a rescan per quote
+
+
+def test_a_server_fault_is_a_500_in_openai_shape_and_the_connection_stays_open(base, monkeypatch):
+    """A genuine fault (the backend raises) is the only way to a 5xx: it answers 500 with the error
+    shape, and uvicorn keeps the keep-alive connection (two requests, one socket)."""
+    import threading
+
+    import uvicorn
+
+    svc = replica(base, ["s1"])
+
+    def broken(*_a, **_k):  # noqa: ANN002, ANN003, ANN202
+        raise RuntimeError("backend exploded")
+
+    monkeypatch.setattr(base.backend, "start", broken)
+    port = _dead_port()
+    server = uvicorn.Server(uvicorn.Config(svc.app, host="127.0.0.1", port=port, log_level="critical",
+                                           lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        body = json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode()
+        request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            answers = []
+            for _ in range(2):
+                s.sendall(request)
+                data = b""
+                while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
+                    chunk = s.recv(65536)
+                    assert chunk, f"the server closed the connection after {len(answers)} answers"
+                    data += chunk
+                answers.append(data)
+        for a in answers:
+            head, _, payload = a.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 500") and b"connection: close" not in head.lower(), head
+            assert json.loads(payload)["error"]["type"] == "server_error"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_the_simulator_sends_an_api_key_when_keys_are_configured(monkeypatch):
+    from infra.simulate import Config as SimConfig
+    from infra.simulate import Simulation
+
+    monkeypatch.delenv("FLYWHEEL_API_KEY", raising=False)
+    monkeypatch.delenv("FLYWHEEL_API_KEYS", raising=False)
+    assert "authorization" not in Simulation(SimConfig(server_url="http://127.0.0.1:1")).http.headers
+    monkeypatch.setenv("FLYWHEEL_API_KEYS", "sim-key:simulator,other:app")
+    sim = Simulation(SimConfig(server_url="http://127.0.0.1:1"))
+    assert sim.http.headers["authorization"] == "Bearer sim-key"
+    assert Simulation(SimConfig(server_url="http://127.0.0.1:1", api_key="k2")).http.headers[
+        "authorization"] == "Bearer k2"
