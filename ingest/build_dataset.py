@@ -42,21 +42,17 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Literal
 
-from ingest import endpoints, landing, pii
+from ingest import contract, endpoints, landing, pii
 from ingest.config import parse_config, to_dict
-from ingest.pairing import PairingConfig
+from ingest.events import FeedbackEvent, ResponseEvent
+from ingest.pairing import PairingConfig, Row
 
-KINDS = ("dpo", "kto", "sft")
-SPLITS = ("train", "eval")
+KINDS = contract.DATASET_KINDS
+SPLITS = contract.DATASET_SPLITS
 FORMAT_VERSION = 1  # bump when the meaning of the files changes: it is part of the version id
-COLUMNS: dict[str, list[tuple[str, str]]] = {
-    "dpo": [("prompt_id", "string"), ("prompt_json", "string"), ("chosen", "string"), ("rejected", "string"),
-            ("weight", "double"), ("source", "string")],
-    "kto": [("prompt_id", "string"), ("prompt_json", "string"), ("completion", "string"), ("label", "boolean"),
-            ("weight", "double"), ("source", "string")],
-    "sft": [("prompt_id", "string"), ("prompt_json", "string"), ("completion", "string"), ("weight", "double"),
-            ("source", "string")],
-}
+# {kind: [(column, Spark type)]}, derived from the dataset row models (the manifest's "schema")
+COLUMNS: dict[str, list[tuple[str, str]]] = {k: list(contract.spark_types(m).items())
+                                             for k, m in contract.DATASET_ROWS.items()}
 
 
 @dataclass
@@ -131,18 +127,10 @@ def spark_session(master: str = "", shuffle_partitions: int = 4, driver_memory: 
     return spark
 
 
-_RESP_DDL = ("event_id string, created_at timestamp, user_id string, conversation_id string, response_id string, "
-             "adapter_version string, prompt_json string, completion string, finish_reason string, "
-             "base_model string, ab_arm string, temperature double, top_p double, max_tokens int, seed bigint, "
-             "completion_logprob double, prompt_tokens int, completion_tokens int, latency_ms double, "
-             "regenerates string, _topic string, _partition int, _offset bigint")
-_FB_DDL = ("event_id string, created_at timestamp, user_id string, conversation_id string, response_id string, "
-           "adapter_version string, kind string, edited_text string, dwell_seconds double, comment string, "
-           "_topic string, _partition int, _offset bigint")
-
-_ROWS_SCHEMA = ("kind string, prompt_id string, prompt_json string, source string, weight double, owner string, "
-                "users array<string>, chosen string, rejected string, completion string, label boolean, "
-                "response_ids array<string>")
+# Derived from the event models and pairing.Row (ingest/contract.py), never written out here.
+_RESP_DDL = contract.spark_ddl(ResponseEvent, with_kafka=True)
+_FB_DDL = contract.spark_ddl(FeedbackEvent, with_kafka=True)
+_ROWS_SCHEMA = contract.spark_ddl(Row)
 
 
 def _hour_folders(root: Path, etype: str, lo: datetime, hi: datetime) -> list[str]:
@@ -230,12 +218,7 @@ def _pair_partitions(pcfg: PairingConfig):  # noqa: ANN202
 
 
 def _arrow_rows_schema():  # noqa: ANN202
-    import pyarrow as pa
-
-    return pa.schema([("kind", pa.string()), ("prompt_id", pa.string()), ("prompt_json", pa.string()),
-                      ("source", pa.string()), ("weight", pa.float64()), ("owner", pa.string()),
-                      ("users", pa.list_(pa.string())), ("chosen", pa.string()), ("rejected", pa.string()),
-                      ("completion", pa.string()), ("label", pa.bool_()), ("response_ids", pa.list_(pa.string()))])
+    return contract.arrow_schema(Row)
 
 
 class _Laps:
@@ -479,7 +462,7 @@ def build(cfg: Config, spark=None) -> dict:  # noqa: ANN001
         if not reused:
             for rel in sorted(files):
                 kind, split, name = rel.split("/")
-                dst = ds_root / kind / f"version={version}" / f"split={split}" / name
+                dst = contract.dataset_path(ds_root, kind, version, split) / name
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(tmp / rel, dst)
             trainable = (counts["dpo"]["train"] >= cfg.min_dpo_train_rows
@@ -523,7 +506,7 @@ def build(cfg: Config, spark=None) -> dict:  # noqa: ANN001
 
 def _final_rel(rel: str, version: str) -> str:
     kind, split, name = rel.split("/")
-    return f"{kind}/version={version}/split={split}/{name}"
+    return (contract.dataset_path("", kind, version, split) / name).as_posix()
 
 
 def _write(rows, tmp: Path, counts: dict) -> dict[str, str]:  # noqa: ANN001
@@ -547,8 +530,7 @@ def _write(rows, tmp: Path, counts: dict) -> dict[str, str]:  # noqa: ANN001
             # Re-encode with pyarrow: parquet-mr lists column encodings in JVM hash order, so Spark's
             # bytes differ between runs of the same data; pyarrow's are a function of the rows only.
             # An empty split gets a file too, so readers always find the schema.
-            types = {"string": pa.string(), "double": pa.float64(), "boolean": pa.bool_()}
-            schema = pa.schema([(c, types[t]) for c, t in COLUMNS[kind]])
+            schema = contract.arrow_schema(contract.DATASET_ROWS[kind])
             table = (pa.concat_tables(pq.read_table(f).select(cols).cast(schema) for f in produced)
                      if produced else schema.empty_table())
             pq.write_table(table, dst, compression="zstd")
@@ -576,7 +558,7 @@ def log_to_mlflow(manifest: dict, ds_root: Path, experiment: str) -> str | None:
         for kind, splits in manifest["counts"].items():
             for split, n in splits.items():
                 mlflow.log_metric(f"rows.{kind}.{split}", n)
-                path = ds_root / kind / f"version={version}" / f"split={split}"
+                path = contract.dataset_path(ds_root, kind, version, split)
                 with warnings.catch_warnings():  # "can be interpreted in multiple ways": both are local files
                     warnings.simplefilter("ignore", UserWarning)
                     source = resolve_dataset_source(str(path))

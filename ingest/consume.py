@@ -2,14 +2,21 @@
 
     python -m ingest.consume --config ingest/configs/consume.yaml [until_idle=true idle_seconds=10]
 
-One consumer group over both topics. Each batch is validated against the event contract; valid
-events are landed (ingest/landing.py: temp file, fsync, rename), malformed ones go to the dead-letter
-topic, and only then are the offsets committed ("commit after the sink"). Delivery is at-least-once
-and readers dedupe by `event_id`, so a crash anywhere adds no duplicates to what they see.
+One consumer group over both topics. Each record of a batch is decoded, validated against the event
+contract and converted to its landing row on its own; the valid ones are landed (ingest/landing.py:
+temp file, fsync, rename), a record failing any of those steps goes to the dead-letter topic, and only
+then are the offsets committed ("commit after the sink"). No record stops the consumer; it exits on
+SIGTERM, when idle (batch runs), or on an infrastructure failure (broker, disk) with a message saying
+so. Delivery is at-least-once and readers dedupe by `event_id`, so a crash anywhere adds no
+duplicates to what they see.
 
-Dead-letter records: value = the raw bytes as received; key = "<topic>/<partition>/<offset>" of the
-source record (a replay re-sends the same key, so counting distinct keys counts each bad record once);
-headers `error`, `source_topic`, `source_partition`, `source_offset`.
+Dead-letter records: key = "<topic>/<partition>/<offset>" of the source record (a replay re-sends the
+same key, so counting distinct keys counts each bad record once); headers `error` (the reason),
+`source_topic`, `source_partition`, `source_offset` (+ `null_value` for a null record). Value = the
+raw bytes as received, unless they exceed `dead_letter_max_bytes` (or the topic refuses them for size):
+then the bytes are kept durably in landing/dead-letter/<topic>/p<P>/o<O>.bin (+ .json with the reason)
+before the commit, and the value is a JSON pointer {"payload_path", "bytes", "sha256"} (header
+`payload_path` too).
 
 SIGTERM/SIGINT finish the batch in hand, commit and leave the group. On a rebalance the un-landed
 records of revoked partitions are dropped (not landed, not committed), so their new owner reads them
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
 import json
 import logging
 import signal
@@ -34,7 +42,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kafka.errors import CommitFailedError
+from kafka.errors import CommitFailedError, KafkaError, MessageSizeTooLargeError
 from pydantic import ValidationError
 
 from ingest import endpoints, landing
@@ -42,6 +50,7 @@ from ingest.config import parse_config
 from ingest.events import _EVENT, MAX_EVENT_BYTES, EventError, parse_event
 
 log = logging.getLogger("ingest.consume")
+_MAX_REASON = 1000  # bytes of the error header: a reason quoting a hostile record stays small
 
 
 @dataclass
@@ -53,6 +62,8 @@ class Config:
     Batching: batch_max_records, batch_max_seconds (flush + commit whichever comes first), poll_timeout_ms.
     Stopping: until_idle (batch runs: stop after idle_seconds without records), max_seconds (0 = no limit).
     Output: landing_dir (empty = <var>/landing), metrics_every_s.
+    Dead letters: dead_letter_max_bytes -- larger raw values are kept in landing/dead-letter/ and the
+      dead-letter record points at them (kafka-python's producer refuses requests over 1 MB).
     """
 
     bootstrap: str = ""
@@ -68,6 +79,7 @@ class Config:
     max_seconds: float = 0.0
     landing_dir: str = ""
     metrics_every_s: float = 10.0
+    dead_letter_max_bytes: int = 512 * 1024
 
 
 def decode(raw: bytes):  # noqa: ANN201 - ResponseEvent | FeedbackEvent
@@ -129,31 +141,38 @@ class LandingConsumer:
         self.dead_lettered = 0
         self.batches = 0
         self.commit_failures = 0
+        self.kept_in_files = 0
         self.started = time.monotonic()
         self._last_metrics = self.started
 
     # --- the sink, then the commit -------------------------------------------------------------
     def flush(self) -> None:
-        """Land the batch, flush the dead letters, then commit the offsets (in that order)."""
+        """Land the batch, flush the dead letters, then commit the offsets (in that order).
+
+        Every record is isolated: decoding, validation and conversion to storage are each tried per
+        record, and a record failing any of them becomes a dead letter -- the rest of the batch lands.
+        What can raise out of here is infrastructure (filesystem, broker), never a record."""
         if not self.batch:
             return
-        rows, futures = [], []
+        rows, sources, dead = [], [], []  # dead: (record, reason)
         for rec in self.batch:
             try:
                 ev = decode(rec.value)
+                row = landing.to_row(ev, rec.topic, rec.partition, rec.offset)
             except EventError as e:
-                headers = [("error", e.reason.encode()), ("source_topic", rec.topic.encode()),
-                           ("source_partition", str(rec.partition).encode()),
-                           ("source_offset", str(rec.offset).encode())]
-                key = f"{rec.topic}/{rec.partition}/{rec.offset}".encode()
-                futures.append(self.producer.send(self.dead_letter, key=key, value=rec.value or b"",
-                                                  headers=headers))
+                dead.append((rec, e.reason))
                 continue
-            rows.append(landing.to_row(ev, rec.topic, rec.partition, rec.offset))
-        landing.write_batch(rows, self.root)
+            except Exception as e:  # noqa: BLE001 - a record must never stop the consumer
+                dead.append((rec, f"conversion: {type(e).__name__}: {str(e)[:300]}"))
+                continue
+            rows.append(row)
+            sources.append(rec)
+        _, refused = landing.land_batch(rows, self.root)
+        dead.extend((sources[i], reason) for i, reason in refused)
+        futures = [(rec, reason, self._send_dead_letter(rec, reason)) for rec, reason in dead]
         self.producer.flush()
-        for fut in futures:
-            fut.get(timeout=30)  # raises if the dead letter was not acknowledged: then we must not commit
+        for rec, reason, fut in futures:
+            self._confirm_dead_letter(rec, reason, fut)
         try:
             self.consumer.commit()
         except CommitFailedError as e:
@@ -161,10 +180,42 @@ class LandingConsumer:
             # commit any more; the new owner re-reads them and readers dedupe by event_id.
             log.warning("commit refused after landing (%s); the batch will be replayed and deduped", e)
             self.commit_failures += 1
-        self.landed += len(rows)
-        self.dead_lettered += len(futures)
+        self.landed += len(rows) - len(refused)
+        self.dead_lettered += len(dead)
         self.batches += 1
         self.batch = []
+
+    def _send_dead_letter(self, rec, reason: str, keep: bool = False):  # noqa: ANN001, ANN202 - Future
+        """Send one dead letter: value = the raw bytes, or -- when they are over dead_letter_max_bytes or
+        the topic refused them -- a JSON pointer to a durable copy in landing/dead-letter/."""
+        value = rec.value if rec.value is not None else b""
+        headers = [("error", reason[:_MAX_REASON].encode("utf-8", "replace")),
+                   ("source_topic", rec.topic.encode()), ("source_partition", str(rec.partition).encode()),
+                   ("source_offset", str(rec.offset).encode())]
+        if rec.value is None:
+            headers.append(("null_value", b"true"))
+        if keep or len(value) > self.cfg.dead_letter_max_bytes:
+            path = landing.keep_dead_letter(value, rec.topic, rec.partition, rec.offset, reason, self.root)
+            pointer = {"payload_path": str(path.relative_to(self.root)), "bytes": len(value),
+                       "sha256": hashlib.sha256(value).hexdigest()}
+            headers.append(("payload_path", pointer["payload_path"].encode()))
+            value = json.dumps(pointer).encode()
+            self.kept_in_files += 1
+        key = f"{rec.topic}/{rec.partition}/{rec.offset}".encode()
+        try:
+            return self.producer.send(self.dead_letter, key=key, value=value, headers=headers)
+        except MessageSizeTooLargeError:
+            if keep:
+                raise
+            return self._send_dead_letter(rec, reason, keep=True)
+
+    def _confirm_dead_letter(self, rec, reason: str, fut) -> None:  # noqa: ANN001
+        """Wait for the broker's ack; a refusal for size is the record's fault (keep it in a file and send
+        the pointer), anything else is the broker's (raise: then the batch is not committed)."""
+        try:
+            fut.get(timeout=30)
+        except MessageSizeTooLargeError:
+            self._send_dead_letter(rec, reason, keep=True).get(timeout=30)
 
     # --- metrics -------------------------------------------------------------------------------
     def lag(self) -> int | None:
@@ -181,13 +232,14 @@ class LandingConsumer:
         elapsed = max(time.monotonic() - self.started, 1e-9)
         processed = self.landed + self.dead_lettered
         return {"group_id": self.cfg.group_id, "landed": self.landed, "dead_lettered": self.dead_lettered,
-                "batches": self.batches, "commit_failures": self.commit_failures, "elapsed_s": round(elapsed, 3),
+                "batches": self.batches, "commit_failures": self.commit_failures,
+                "dead_letters_in_files": self.kept_in_files, "elapsed_s": round(elapsed, 3),
                 "events_per_s": round(processed / elapsed, 1), "lag": self.lag()}
 
-    def _report(self, force: bool = False) -> None:
+    def _report(self, force: bool = False) -> dict | None:
         now = time.monotonic()
         if not force and now - self._last_metrics < self.cfg.metrics_every_s:
-            return
+            return None
         self._last_metrics = now
         m = self.metrics()
         log.info("landed=%d dead_lettered=%d events/s=%.0f lag=%s", m["landed"], m["dead_lettered"],
@@ -195,6 +247,7 @@ class LandingConsumer:
         path = self.root / "_metrics" / f"{self.cfg.group_id}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(m) + "\n")
+        return m
 
     # --- the loop ------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -248,15 +301,20 @@ class LandingConsumer:
                     break
             self.flush()  # SIGTERM or idle: finish the batch in hand and commit it
         finally:
-            self._report(force=True)
+            # lag reads the consumer's assignment and positions: measure before closing it
+            summary = self._report(force=True)
             self.consumer.close(autocommit=False)
             self.producer.close(timeout=10)
-        return self.metrics()
+        return summary
 
 
 def main(cfg: Config) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    consumer = LandingConsumer(cfg)
+    try:
+        consumer = LandingConsumer(cfg)
+    except KafkaError as e:
+        raise InfrastructureError(f"cannot reach the broker at {cfg.bootstrap or endpoints.kafka_bootstrap()} "
+                                  f"({type(e).__name__}: {e}); is the stack up (`python -m infra.stack up`)?") from e
 
     def _stop(signum, _frame):  # noqa: ANN001
         log.info("signal %d: finishing the batch, committing, leaving the group", signum)
@@ -264,9 +322,19 @@ def main(cfg: Config) -> dict:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    summary = consumer.run()
+    try:
+        summary = consumer.run()
+    except (KafkaError, OSError) as e:
+        # Only infrastructure gets here (records are dead-lettered inside flush): the batch in hand is
+        # not committed, so a restart re-reads it once the broker / disk is back.
+        raise InfrastructureError(f"stopping on an infrastructure failure: {type(e).__name__}: {e}; nothing "
+                                  f"after the last committed batch is lost -- restart when it is fixed") from e
     print(json.dumps(summary), flush=True)
     return summary
+
+
+class InfrastructureError(RuntimeError):
+    """The broker or the landing filesystem failed; the consumer stops (records never stop it)."""
 
 
 def cli_args(argv: list[str]) -> list[str]:
@@ -275,4 +343,7 @@ def cli_args(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
-    main(parse_config(Config, cli_args(sys.argv[1:])))
+    try:
+        main(parse_config(Config, cli_args(sys.argv[1:])))
+    except InfrastructureError as e:
+        sys.exit(f"ingest.consume: {e}")

@@ -6,6 +6,12 @@ these models is committed under `ingest/schemas/` (`python -m ingest.events --wr
 test fails when the models and the committed schema drift apart.
 
 Wire format: UTF-8 JSON, one event per Kafka record, at most MAX_EVENT_BYTES.
+
+Bounds are what storage can hold (ingest/contract.py derives the Arrow and Spark schemas from these
+models and refuses an int field without a range): ints within their column's range, bounded strings
+and lists, finite floats, timestamps that convert to UTC. Parsing is bounded too (pydantic-core's JSON
+parser: nesting depth 200, numbers within float64 / 4300 digits, no lone surrogates), so a hostile
+record costs an error message, never a crash.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Literal
 
+import pydantic_core
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 SCHEMA_VERSION = 1
@@ -23,6 +30,7 @@ MAX_EVENT_BYTES = 256 * 1024
 MAX_TEXT_CHARS = 32_000
 MAX_MESSAGES = 64
 SCHEMA_DIR = Path(__file__).parent / "schemas"
+INT32_MAX = 2**31 - 1
 
 # Ids are opaque but bounded and printable, so they are safe as Kafka keys and file names.
 Id = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@/-]+$")]
@@ -33,7 +41,8 @@ FEEDBACK_KINDS: tuple[str, ...] = FeedbackKind.__args__  # type: ignore[attr-def
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN/Infinity are valid Python floats but no JSON number and no useful training signal.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ChatMessage(_Strict):
@@ -45,7 +54,7 @@ class Sampling(_Strict):
     temperature: float = Field(ge=0.0, le=5.0)
     top_p: float = Field(gt=0.0, le=1.0)
     max_tokens: int = Field(ge=1, le=8192)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # the landing column is int64
 
 
 class _EventBase(_Strict):
@@ -66,6 +75,10 @@ class _EventBase(_Strict):
     def _aware_timestamp(self):  # noqa: ANN202 - pydantic hook
         if self.created_at.tzinfo is None:
             raise ValueError("created_at must carry a timezone (e.g. 2026-11-23T18:00:00Z)")
+        try:
+            self.created_at.astimezone(UTC)  # storage keeps UTC; 0001-01-01T00:00+01:00 has no UTC value
+        except OverflowError:
+            raise ValueError("created_at is outside the range of UTC timestamps") from None
         return self
 
 
@@ -84,8 +97,8 @@ class ResponseEvent(_EventBase):
     completion_logprob: float = Field(
         le=0.0, description="summed token log-probability of the completion under the serving model"
     )
-    prompt_tokens: int = Field(ge=0)
-    completion_tokens: int = Field(ge=0)
+    prompt_tokens: int = Field(ge=0, le=INT32_MAX)
+    completion_tokens: int = Field(ge=0, le=INT32_MAX)
     latency_ms: float = Field(ge=0.0)
     regenerates: Id | None = Field(
         default=None, description="response_id this answer replaced when the user asked to regenerate"
@@ -142,13 +155,13 @@ def parse_event(raw: bytes | str) -> ResponseEvent | FeedbackEvent:
     if len(raw) > MAX_EVENT_BYTES:
         raise EventError(f"oversized: {len(raw)} bytes > limit {MAX_EVENT_BYTES}")
     try:
-        text = raw.decode("utf-8")
+        raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise EventError(f"invalid UTF-8 at byte {e.start}") from None
     try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise EventError(f"bad JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+        obj = pydantic_core.from_json(raw, allow_inf_nan=False)
+    except ValueError as e:  # bounded: depth, digits and surrogates are errors here, not crashes
+        raise EventError(f"bad JSON: {e}") from None
     if not isinstance(obj, dict):
         raise EventError(f"bad JSON: expected an object, got {type(obj).__name__}")
     version = obj.get("schema_version")

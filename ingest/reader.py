@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from ingest import endpoints
-
-KINDS = ("dpo", "kto", "sft")
-SPLITS = ("train", "eval")
+from ingest.contract import DATASET_KINDS as KINDS
+from ingest.contract import DATASET_SPLITS as SPLITS
+from ingest.contract import dataset_path
 
 
 def datasets_dir(root: str | Path | None = None) -> Path:
@@ -69,7 +69,7 @@ def load_rows(version: str, kind: str, split: str, root: str | Path | None = Non
     if kind not in KINDS or split not in SPLITS:
         raise ValueError(f"kind={kind!r} split={split!r}: kind must be one of {KINDS}, split one of {SPLITS}")
     manifest(version, root)  # a clear error for an unknown version
-    folder = datasets_dir(root) / kind / f"version={version}" / f"split={split}"
+    folder = dataset_path(datasets_dir(root), kind, version, split)
     files = sorted(folder.glob("*.parquet"))
     if not files:
         raise FileNotFoundError(f"{folder} holds no Parquet files although the manifest exists; the version "
