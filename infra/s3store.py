@@ -23,6 +23,7 @@ no lock.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import signal
@@ -226,9 +227,22 @@ def main(argv: list[str] | None = None) -> int:
     from werkzeug.serving import run_simple
 
     args.dir.mkdir(parents=True, exist_ok=True)
+    # Two stores replaying and appending to one journal would interleave it; the lock dies with us.
+    lock = open(args.dir / "lock", "w")  # noqa: SIM115 - held for the life of the process
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"s3store: {args.dir} is in use by another s3store; stop it first", file=sys.stderr)
+        return 1
     journal = Journal(DomainDispatcherApplication(create_backend_app), args.dir / "journal",
                       fsync=not args.no_fsync)
-    print(f"s3store: recovered {json.dumps(journal.recover())}", flush=True)
+    recovered = journal.recover()
+    print(f"s3store: recovered {json.dumps(recovered)}", flush=True)
+    if recovered["torn_bytes"]:
+        # A crash inside a write leaves a partial last entry whose request was never answered; more
+        # than that points at a damaged disk, and the entries after the damage are not in the store.
+        print(f"s3store: WARNING: cut {recovered['torn_bytes']} bytes after the last whole journal entry",
+              flush=True)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     run_simple(args.host, args.port, journal, threaded=True, request_handler=MotoRequestHandler)
     return 0
