@@ -211,10 +211,10 @@ def decide(requested: str = "auto", device: str = "auto", *, capability: str | N
     An explicit dtype wins over the rules, except fp16 on CPU (not a native CPU type here: use bf16/fp32).
     """
     want = normalise(requested)
-    machine_cpu = read_cpu() if capability is None or flags is None or cpu_model is None else None
-    cpu = Cpu(model=cpu_model if cpu_model is not None else machine_cpu.model,  # type: ignore[union-attr]
-              capability=capability if capability is not None else machine_cpu.capability,  # type: ignore[union-attr]
-              flags=frozenset(flags) if flags is not None else machine_cpu.flags)  # type: ignore[union-attr]
+    here = read_cpu() if capability is None or flags is None or cpu_model is None else Cpu("", "", frozenset())
+    cpu = Cpu(model=cpu_model if cpu_model is not None else here.model,
+              capability=capability if capability is not None else here.capability,
+              flags=frozenset(flags) if flags is not None else here.flags)
     threads = threads if threads is not None else torch.get_num_threads()
     if isinstance(gpu, str):
         index = int(device.split(":", 1)[1]) if device.startswith("cuda:") else 0
