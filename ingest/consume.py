@@ -47,7 +47,7 @@ from pydantic import ValidationError
 
 from ingest import endpoints, landing
 from ingest.config import parse_config
-from ingest.events import _EVENT, MAX_EVENT_BYTES, EventError, parse_event
+from ingest.events import _EVENT, MAX_EVENT_BYTES, WIRE, EventError, parse_event
 
 log = logging.getLogger("ingest.consume")
 _MAX_REASON = 1000  # bytes of the error header: a reason quoting a hostile record stays small
@@ -87,12 +87,36 @@ def decode(raw: bytes):  # noqa: ANN201 - ResponseEvent | FeedbackEvent
     `parse_event`, whose error message is the one we dead-letter (same rules, only slower)."""
     if raw is not None and len(raw) <= MAX_EVENT_BYTES:
         try:
-            return _EVENT.validate_json(raw)
+            return _EVENT.validate_json(raw, context=WIRE)
         except (ValidationError, ValueError):
             pass
     if raw is None:
         raise EventError("empty record (null value)")
     return parse_event(raw)
+
+
+def land_records(records: list, root: Path) -> tuple[int, list[tuple[object, str]]]:
+    """Decode, validate, convert and land Kafka records (anything with topic, partition, offset, value),
+    each record on its own: returns (rows landed, [(record, reason)] for the dead-letter topic).
+
+    A record failing any stage is set aside with the reason and the rest land; only the filesystem
+    (OSError from the durable write) raises."""
+    rows, sources, dead = [], [], []
+    for rec in records:
+        try:
+            ev = decode(rec.value)
+            row = landing.to_row(ev, rec.topic, rec.partition, rec.offset)
+        except EventError as e:
+            dead.append((rec, e.reason))
+            continue
+        except Exception as e:  # noqa: BLE001 - a record must never stop the consumer
+            dead.append((rec, f"conversion: {type(e).__name__}: {str(e)[:300]}"))
+            continue
+        rows.append(row)
+        sources.append(rec)
+    _, refused = landing.land_batch(rows, root)
+    dead.extend((sources[i], reason) for i, reason in refused)
+    return len(rows) - len(refused), dead
 
 
 @contextlib.contextmanager
@@ -154,21 +178,7 @@ class LandingConsumer:
         What can raise out of here is infrastructure (filesystem, broker), never a record."""
         if not self.batch:
             return
-        rows, sources, dead = [], [], []  # dead: (record, reason)
-        for rec in self.batch:
-            try:
-                ev = decode(rec.value)
-                row = landing.to_row(ev, rec.topic, rec.partition, rec.offset)
-            except EventError as e:
-                dead.append((rec, e.reason))
-                continue
-            except Exception as e:  # noqa: BLE001 - a record must never stop the consumer
-                dead.append((rec, f"conversion: {type(e).__name__}: {str(e)[:300]}"))
-                continue
-            rows.append(row)
-            sources.append(rec)
-        _, refused = landing.land_batch(rows, self.root)
-        dead.extend((sources[i], reason) for i, reason in refused)
+        landed, dead = land_records(self.batch, self.root)
         futures = [(rec, reason, self._send_dead_letter(rec, reason)) for rec, reason in dead]
         self.producer.flush()
         for rec, reason, fut in futures:
@@ -180,7 +190,7 @@ class LandingConsumer:
             # commit any more; the new owner re-reads them and readers dedupe by event_id.
             log.warning("commit refused after landing (%s); the batch will be replayed and deduped", e)
             self.commit_failures += 1
-        self.landed += len(rows) - len(refused)
+        self.landed += landed
         self.dead_lettered += len(dead)
         self.batches += 1
         self.batch = []

@@ -187,9 +187,12 @@ def spark_ddl(model: type, with_kafka: bool = False) -> str:
 
 
 def spark_schema(model: type, with_kafka: bool = False):  # noqa: ANN201 - StructType (lazy import)
-    from pyspark.sql.types import _parse_datatype_string
+    from pyspark.sql import types as T
 
-    return _parse_datatype_string(spark_ddl(model, with_kafka))
+    types_ = {"string": T.StringType(), "int32": T.IntegerType(), "int64": T.LongType(),
+              "float64": T.DoubleType(), "bool": T.BooleanType(), "timestamp": T.TimestampType(),
+              "list<string>": T.ArrayType(T.StringType())}
+    return T.StructType([T.StructField(c.name, types_[c.type]) for c in columns(model, with_kafka)])
 
 
 def spark_types(model: type) -> dict[str, str]:

@@ -23,7 +23,15 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import pydantic_core
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    model_validator,
+)
 
 SCHEMA_VERSION = 1
 MAX_EVENT_BYTES = 256 * 1024
@@ -38,6 +46,11 @@ Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
 
 FeedbackKind = Literal["thumbs_up", "thumbs_down", "edit", "regenerate", "copy", "abandon", "dwell", "comment"]
 FEEDBACK_KINDS: tuple[str, ...] = FeedbackKind.__args__  # type: ignore[attr-defined]
+
+
+# The feedback kinds that carry a payload, and its field (only that kind may carry it).
+PAYLOAD_FIELDS = {"edit": "edited_text", "dwell": "dwell_seconds", "comment": "comment"}
+WIRE = {"wire": True}  # validation context of a record read from the wire
 
 
 class _Strict(BaseModel):
@@ -70,6 +83,13 @@ class _EventBase(_Strict):
     tenant: Id | None = Field(
         default=None, description="the app (API key) the request came through; null = no API keys configured"
     )
+
+    @model_validator(mode="after")
+    def _version_on_the_wire(self, info: ValidationInfo):  # noqa: ANN202 - pydantic hook
+        # The default lets serving build events without naming the version; a wire record must name it.
+        if (info.context or {}).get("wire") and "schema_version" not in self.model_fields_set:
+            raise ValueError(f"unknown schema_version None; this consumer reads {SCHEMA_VERSION}")
+        return self
 
     @model_validator(mode="after")
     def _aware_timestamp(self):  # noqa: ANN202 - pydantic hook
@@ -116,8 +136,7 @@ class FeedbackEvent(_EventBase):
 
     @model_validator(mode="after")
     def _payload_matches_kind(self):  # noqa: ANN202 - pydantic hook
-        needs = {"edit": "edited_text", "dwell": "dwell_seconds", "comment": "comment"}
-        for kind, field in needs.items():
+        for kind, field in PAYLOAD_FIELDS.items():
             present = getattr(self, field) is not None
             if self.kind == kind and not present:
                 raise ValueError(f"kind={kind} requires the field {field}")
@@ -168,7 +187,7 @@ def parse_event(raw: bytes | str) -> ResponseEvent | FeedbackEvent:
     if version != SCHEMA_VERSION:
         raise EventError(f"unknown schema_version {version!r}; this consumer reads {SCHEMA_VERSION}")
     try:
-        return _EVENT.validate_python(obj)
+        return _EVENT.validate_python(obj, context=WIRE)
     except ValidationError as e:
         raise EventError(_describe(e)) from None
 
