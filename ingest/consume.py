@@ -87,7 +87,7 @@ def decode(raw: bytes):  # noqa: ANN201 - ResponseEvent | FeedbackEvent
     `parse_event`, whose error message is the one we dead-letter (same rules, only slower)."""
     if raw is not None and len(raw) <= MAX_EVENT_BYTES:
         try:
-            return _EVENT.validate_json(raw, context=WIRE)
+            return _EVENT.validate_json(raw, strict=True, context=WIRE)
         except (ValidationError, ValueError):
             pass
     if raw is None:

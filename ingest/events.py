@@ -187,7 +187,8 @@ def parse_event(raw: bytes | str) -> ResponseEvent | FeedbackEvent:
     if version != SCHEMA_VERSION:
         raise EventError(f"unknown schema_version {version!r}; this consumer reads {SCHEMA_VERSION}")
     try:
-        return _EVENT.validate_python(obj, context=WIRE)
+        # strict: a wire value has its JSON type (no "12" for an int, no epoch number for a timestamp)
+        return _EVENT.validate_json(raw, strict=True, context=WIRE)
     except ValidationError as e:
         raise EventError(_describe(e)) from None
 

@@ -250,9 +250,12 @@ def _violations(tp, meta: list, required: bool) -> list[tuple[str, object]]:  # 
     if tp is int:
         lo, hi = contract.int_bounds(meta)
         out += [("below range", lo - 1), ("above range", hi + 1), ("past int64", 2**64),
-                ("past int32", 2**31 if hi < 2**31 else -(2**63) - 1), ("fraction", 1.5)]
+                ("past int32", 2**31 if hi < 2**31 else -(2**63) - 1), ("fraction", 1.5), ("numeric string", "1"),
+                ("integral float", 1.0)]
     if tp is float:
-        out += [("NaN", math.nan), ("Infinity", math.inf), ("-Infinity", -math.inf)]
+        out += [("NaN", math.nan), ("Infinity", math.inf), ("-Infinity", -math.inf), ("numeric string", "0.5")]
+    if tp is datetime:
+        out.append(("epoch number", 1_700_000_000))
         le, lt, ge, gt = (_constraint(meta, k) for k in (at.Le, at.Lt, at.Ge, at.Gt))
         if le or lt:
             out.append(("above range", (le.le if le else lt.lt) + 1.0))
