@@ -147,6 +147,9 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
+        # A mapping or list only when written as one ({...} / [...]): "reason=judge: none" is a sentence.
+        if isinstance(value, dict | list) and not raw.lstrip().startswith(("{", "[")):
+            value = raw
         _set_dotted(tree, key.strip(), value)
     return _build(cls, _merge_nested(cls, tree))
 

@@ -44,6 +44,15 @@ def test_defaults_yaml_and_overrides(tmp_path: Path):
     assert load_config(Job, None, ["bf16=null"]).bf16 is None
 
 
+def test_a_sentence_with_a_colon_stays_a_string():
+    """`name=judge: none, evidence: better` is text (YAML would read it as a mapping); a value written
+    as a mapping or list still parses as one, and then fails a str field."""
+    assert load_config(Job, None, ["name=judge: none, evidence: better"]).name == "judge: none, evidence: better"
+    assert load_config(Job, None, ["name=- item"]).name == "- item"
+    with pytest.raises(ConfigError, match="name: expected a string"):
+        load_config(Job, None, ["name={a: 1}"])
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
