@@ -166,6 +166,7 @@ class LandingConsumer:
         self.batches = 0
         self.commit_failures = 0
         self.kept_in_files = 0
+        self.assigned_at = 0.0  # monotonic time of the last partition assignment
         self.started = time.monotonic()
         self._last_metrics = self.started
 
@@ -227,6 +228,10 @@ class LandingConsumer:
         except MessageSizeTooLargeError:
             self._send_dead_letter(rec, reason, keep=True).get(timeout=30)
 
+    def _holds_every_partition(self) -> bool:
+        total = sum(len(self.consumer.partitions_for_topic(t) or ()) for t in self.topic_names)
+        return len(self.consumer.assignment()) >= total
+
     # --- metrics -------------------------------------------------------------------------------
     def lag(self) -> int | None:
         total, known = 0, False
@@ -279,6 +284,7 @@ class LandingConsumer:
                 owner.batch = kept
 
             def on_partitions_assigned(self, assigned):  # noqa: ANN001, ANN202
+                owner.assigned_at = time.monotonic()
                 log.info("assigned %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
 
         self.consumer.subscribe(self.topic_names, listener=DropOnRevoke())
@@ -304,6 +310,12 @@ class LandingConsumer:
                 self._report()
                 if not self.consumer.assignment():
                     last_record = now  # still joining the group (or rebalancing): not idle yet
+                elif (not self._holds_every_partition()
+                      and now - self.assigned_at < self.cfg.session_timeout_ms / 1000):
+                    # Other partitions belong to another member, maybe one that died (SIGKILL) and
+                    # holds them until its session times out; idle counts only after that, so a
+                    # batch run does not stop before the group hands us the dead member's share.
+                    last_record = now
                 if self.cfg.until_idle and not self.batch and now - last_record >= self.cfg.idle_seconds:
                     log.info("idle for %.1f s: stopping", now - last_record)
                     break

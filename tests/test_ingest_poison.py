@@ -215,6 +215,10 @@ def test_poison_matrix_one_run(stack, topics, tmp_path):
     print("\nPOISON", json.dumps(counts | {"named_cases": len(poison), "fuzz": len(fuzz), "runs": 1}))
 
 
+def _files(land: Path) -> int:
+    return sum(len(landing.landed_files(t, land)) for t in landing.EVENT_TYPES)
+
+
 def _start(land: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "ingest.consume", "--config", str(REPO / "ingest/configs/consume.yaml"),
            f"landing_dir={land}", "batch_max_records=80", "batch_max_seconds=0.3", "metrics_every_s=1",
@@ -228,7 +232,7 @@ def test_sigkill_at_random_moments(stack, topics, tmp_path):
     """`python -m ingest.consume` killed with SIGKILL at random moments and restarted until a run ends
     by itself: no acknowledged record lost, no event twice after dedupe, each dead letter once by key."""
     rng = random.Random(int(os.environ.get("FLYWHEEL_KILL_SEED", "5")))
-    valid = _valid(700, seed=11)
+    valid = _valid(1200, seed=11)
     poison = _named_poison(synthetic.wire(synthetic.generate(1, seed=12)[0][0]))
     fuzz = _mutations(_valid(40, seed=14)[:60], rng)
     acked = _produce(stack, topics, _plan(valid, poison, fuzz))
@@ -237,19 +241,22 @@ def test_sigkill_at_random_moments(stack, topics, tmp_path):
     while True:
         proc = _start(land)
         runs += 1
+        if kills < 5:
+            # a random moment once this run is landing (a kill during start-up would test little)
+            files = _files(land)
+            while proc.poll() is None and _files(land) == files and time.time() < deadline:
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0.0, 1.0))
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.communicate()
+                kills += 1
+                continue
         try:
-            if kills < 5:
-                proc.wait(timeout=rng.uniform(2.5, 8.0))
-            else:
-                proc.wait(timeout=max(5.0, deadline - time.time()))
+            proc.wait(timeout=max(5.0, deadline - time.time()))
         except subprocess.TimeoutExpired:
-            if kills >= 5:
-                proc.kill()
-                pytest.fail(f"the last run did not finish in time: {proc.communicate()[1][-3000:]}")
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.communicate()
-            kills += 1
-            continue
+            proc.kill()
+            pytest.fail(f"the last run did not finish in time: {proc.communicate()[1][-3000:]}")
         out, err = proc.communicate()
         assert proc.returncode == 0, err[-3000:]  # a run that ends by itself ends cleanly
         break
