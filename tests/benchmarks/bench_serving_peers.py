@@ -19,6 +19,9 @@ Reported (var/bench/serving_peers.json, with the machine record): tokens/s and m
 concurrency for both servers and Flywheel's tokens/s as a ratio of the peer's. Both servers get
 FLYWHEEL_BENCH_THREADS threads (default 2 here: each server runs alone; set 1 on a busy machine).
 FLYWHEEL_PEER_IGNORE_EOS=0 lets the peer stop at eos as Flywheel does (a like-for-like stop rule).
+On CPUs with AMX the peer runs with --no-repack: with weight repacking on, ggml's AMX matmul
+(ggml_backend_amx_mul_mat) segfaulted at the first decode on the AMX dev machine (llama.cpp as bundled
+in llama-cpp-python 0.3.36); FLYWHEEL_PEER_REPACK=1 / 0 forces repacking on / off.
 
     bash infra/peers.sh                     # once, ~13 min on 2 cores (run it niced, in the background)
     .venv/bin/python -m pytest -q -s -o python_files="bench_*.py" tests/benchmarks/bench_serving_peers.py
@@ -45,6 +48,7 @@ REPO = Path(__file__).resolve().parents[2]
 THREADS = int(os.environ.get("FLYWHEEL_BENCH_THREADS", "2"))
 PEER_BIN = Path(os.environ.get("FLYWHEEL_PEER_BIN", REPO / "var" / "peers" / "bin" / "llama-server"))
 PEER_IGNORE_EOS = os.environ.get("FLYWHEEL_PEER_IGNORE_EOS", "1") == "1"
+PEER_REPACK = os.environ.get("FLYWHEEL_PEER_REPACK", "")  # "" = off only where the CPU has AMX
 CONCURRENCY = [int(c) for c in os.environ.get("FLYWHEEL_PEER_CONCURRENCY", "1,8,16").split(",")]
 REQUESTS_PER_CLIENT = int(os.environ.get("FLYWHEEL_PEER_REQUESTS_PER_CLIENT", "3"))
 MAX_TOKENS = 64
@@ -89,6 +93,7 @@ def stop(proc: subprocess.Popen) -> None:
 @pytest.fixture(scope="module")
 def peer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     from infra import models
+    from training import precision
 
     if not PEER_BIN.is_file():
         pytest.skip(f"{PEER_BIN} is not built; run `nice -n 19 bash infra/peers.sh` first (~13 min on 2 cores)")
@@ -96,6 +101,8 @@ def peer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     port, log = free_port(), tmp_path_factory.mktemp("peer") / "llama-server.log"
     cmd = [str(PEER_BIN), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-np", str(SLOTS),
            "-c", str(SLOTS * 1024), "-t", str(THREADS), "-tb", str(THREADS)]
+    if PEER_REPACK == "0" or (PEER_REPACK == "" and "amx_tile" in precision.read_cpu().flags):
+        cmd.append("--no-repack")
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
