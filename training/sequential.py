@@ -408,13 +408,13 @@ def more_needed(champion: Arm, challenger: Arm, policy: Policy) -> int:
     scale = np.geomspace(max(policy.min_rated, small, 1), policy.max_rated, 300) / small  # x current sample
     ka, na, kb, nb = pa * n_a * scale, n_a * scale, pb * n_b * scale, n_b * scale
     if policy.method == "exact":
-        decided = np.abs(log_e_value(ka, na, kb, nb, 0.0, beta_mixture(policy.mixture_sd))) >= math.log(1 / policy.alpha)
+        decided = log_e_value(ka, na, kb, nb, 0.0, beta_mixture(policy.mixture_sd)) >= math.log(1 / policy.alpha)
         decided &= pa != pb
     else:
         lo, hi = _normal_difference_interval(ka, na, kb, nb, policy.alpha, policy.mixture_sd)
         decided = (lo > 0) | (hi < 0)
     hit = np.nonzero(decided)[0]
-    extra = math.ceil(small * scale[hit[0]] - small) if hit.size else room
+    extra = math.ceil(small * scale[hit[0]] - small - 1e-9) if hit.size else room
     return int(min(max(extra, floor, 1), room))
 
 
