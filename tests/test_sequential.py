@@ -256,3 +256,16 @@ def test_ten_point_gain_is_found_sooner_than_a_fixed_horizon_test_of_the_same_po
     same_power = seq.fixed_horizon_n(0.7, 0.8, power=min(power, 1 - 1 / (2 * SIM)), ratio=ratio)
     assert power >= 0.95 and median < same_power, (power, median, same_power)
     assert median <= 2.3 * seq.fixed_horizon_n(0.7, 0.8, ratio=ratio), median
+
+
+def test_rate_intervals_for_plots_hold_each_estimate_and_narrow_with_data():
+    """75% on the champion, 80% on a challenger with a quarter of its answers, at 50 and 800 challenger answers."""
+    widths = []
+    for n in (50, 800):
+        ri = seq.rate_intervals(Arm(4 * n, 3 * n), Arm(n, round(0.8 * n)))
+        for est, lo, hi in ri.values():
+            assert lo <= est <= hi
+        assert ri["difference"][1:] == pytest.approx(seq.difference_interval(3 * n, 4 * n, round(0.8 * n), n))
+        widths.append({k: hi - lo for k, (_, lo, hi) in ri.items()})
+    assert all(widths[1][k] < widths[0][k] for k in widths[0])
+    assert seq.rate_intervals(Arm(0, 0), Arm(10, 10))["champion"][1:] == (0.0, 1.0)
