@@ -149,7 +149,7 @@ def test_conservation_through_sigkill_restarts(stack, topics, tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
     summary = json.loads(out.strip().splitlines()[-1])
-    assert kills == 3 and summary["lag"] in (0, None)
+    assert kills == 3 and summary["lag"] == 0  # measured before the consumer closes
 
     seen = {}
     for etype in landing.EVENT_TYPES:
