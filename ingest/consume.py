@@ -60,7 +60,8 @@ class Config:
     Kafka: bootstrap (empty = endpoints.kafka_bootstrap()), group_id, topics (keys of endpoints.topics()),
       session_timeout_ms / heartbeat_interval_ms (tansu delays a join by ~session_timeout/2, so 6 s / 2 s).
     Batching: batch_max_records, batch_max_seconds (flush + commit whichever comes first), poll_timeout_ms.
-    Stopping: until_idle (batch runs: stop after idle_seconds without records), max_seconds (0 = no limit).
+    Stopping: until_idle (batch runs: stop after idle_seconds without records; while holding only part
+      of the partitions, idle counts from session_timeout after the last assignment), max_seconds (0 = no limit).
     Output: landing_dir (empty = <var>/landing), metrics_every_s.
     Dead letters: dead_letter_max_bytes -- larger raw values are kept in landing/dead-letter/ and the
       dead-letter record points at them (kafka-python's producer refuses requests over 1 MB).
