@@ -37,6 +37,24 @@ def test_reward_model_policy_backbone_learns_and_scores(stack, tiny_model: str, 
     # Scores do not depend on batch composition (padding is masked).
     assert abs(score([prompt], [bad])[0] - s_bad) < 1e-4
 
+    # Its held-out accuracy travels with it (sidecar, registry tags) with a 95% Wilson interval over the
+    # 16 eval pairs; as the evaluation's judge it reports that accuracy for the gate to weigh.
+    assert m["heldout_pairs"] == 16
+    assert m["heldout_accuracy_ci_low"] < m["heldout_accuracy"] <= m["heldout_accuracy_ci_high"] <= 1.0
+    from training import evaluate, judges
+
+    judge = judges.make_judge(f"rm:models:/flywheel-reward/{result['model_version']}")
+    assert judge.version == result["model_version"]
+    got = evaluate.judge_metrics(judge)
+    assert got["judge_accuracy"] == m["heldout_accuracy"] and got["judge_pairs"] == 16
+    assert got["judge_accuracy_ci_low"] == m["heldout_accuracy_ci_low"]
+    # A PPO candidate trained against this very version may not be graded by it.
+    import pytest
+
+    with pytest.raises(SystemExit, match="was trained against"):
+        evaluate.refuse_own_judge(judge, {"trainer": "ppo", "reward_model_version": result["model_version"]})
+    evaluate.refuse_own_judge(judge, {"trainer": "ppo", "reward_model_version": "999"})  # another RM: fine
+
 
 def test_reward_model_minilm_pair_format(stack, tmp_path: Path) -> None:  # noqa: ANN001
     from training import reward_model

@@ -541,6 +541,10 @@ def write_report(m: dict[str, float], details: dict, cfg: Config, cand: Side, ba
              f"- machine: {hw.get('cpu_model', '?')}, CPU capability {hw.get('cpu_capability', '?')}, native bf16: "
              f"{', '.join(hw.get('cpu_native_bf16', [])) or 'none'}, {hw.get('threads', '?')} threads; dtype "
              f"{cfg.dtype} -> {hw.get('dtype', '?')} ({hw.get('dtype_reason', '?')})", ""]
+    if "judge_accuracy" in m:
+        lines += [f"Judge held-out pairwise accuracy {m['judge_accuracy']:.3f} (95% CI {m['judge_accuracy_ci_low']:.3f}–"
+                  f"{m['judge_accuracy_ci_high']:.3f}, {m['judge_pairs']:.0f} pairs): the gate counts its verdict "
+                  f"only when the lower bound reaches its min_judge_accuracy.", ""]
     if "win_rate" in m:
         lines += [f"**Win rate {m['win_rate']:.3f}** ({cfg.confidence:.0%} bootstrap CI {m['win_rate_ci_low']:.3f}–"
                   f"{m['win_rate_ci_high']:.3f}; {m['wins']:.0f} wins / {m['ties']:.0f} ties / {m['losses']:.0f} "

@@ -161,6 +161,9 @@ def main(cfg: Config) -> dict[str, Any]:
     train = train.filter(lambda r: r["weight"] > 0)
     common.set_threads(cfg.threads)
     hw = common.detect_hardware(cfg.precision)
+    from transformers import set_seed
+
+    set_seed(cfg.seed)  # the score head is initialised at load: the same seed, the same starting judge
     model, tokenizer, backbone_path, input_format = _load_backbone(cfg)
     train_tok = tokenize_pairs(train, tokenizer, input_format, cfg.max_length)
     heldout_tok = tokenize_pairs(heldout, tokenizer, input_format, cfg.max_length) if heldout is not None else None
