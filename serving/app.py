@@ -22,10 +22,12 @@ did not expect is answered 500 in the same shape (and logged) without dropping t
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import random
 import re
+import threading
 import time
 import uuid
 from concurrent.futures import Future
@@ -91,8 +93,15 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+StopText = Annotated[str, Field(min_length=1, max_length=256)]
+
+
 class ChatIn(BaseModel):
-    # OpenAI clients send fields we do not implement (frequency_penalty, logit_bias, ...): ignored.
+    # Every OpenAI field that changes the answer is declared here and either honoured or refused
+    # with a 400 naming it (`Service.check_openai_fields`), so a client never silently gets an answer
+    # it did not ask for. Fields nobody defines (or OpenAI's bookkeeping: store, metadata,
+    # service_tier, ...) are ignored, as OpenAI ignores unknown fields.
     model_config = ConfigDict(extra="ignore", strict=True)
     model: str | None = None
     messages: Annotated[list[MessageIn], Field(min_length=1, max_length=MAX_MESSAGES)]
@@ -103,7 +112,25 @@ class ChatIn(BaseModel):
     seed: Annotated[int, Field(ge=0, lt=2**63)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
+    n: Annotated[int, Field(ge=1)] = 1
+    stop: StopText | Annotated[list[StopText], Field(max_length=4)] | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    # token id (as a string, OpenAI's form) -> bias added to its logit
+    logit_bias: Annotated[dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]], Field(max_length=1024)] | None = None
+    # Declared so that they are refused by name (not supported yet), never dropped.
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    response_format: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    audio: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
     user: Id | None = None
     conversation_id: Id | None = None
     regenerates: Id | None = None
@@ -230,10 +257,61 @@ class Service:
         return {"response_id": response_id, "feedback_token": token, "adapter_version": choice.label,
                 "ab_arm": choice.arm, "conversation_id": conversation_id}
 
+    def check_openai_fields(self, req: ChatIn) -> dict:
+        """The engine options for the OpenAI fields a request sets; ApiError 400 naming the first field
+        this server cannot honour."""
+        def refuse(param: str, why: str) -> ApiError:
+            return ApiError(400, f"{param}: {why}", code="unsupported_parameter", param=param)
+
+        if req.tools:
+            raise refuse("tools", "tool calling is not supported by this server; send the request without tools")
+        if req.tool_choice not in (None, "none", "auto"):
+            raise refuse("tool_choice", "tool calling is not supported by this server; omit tool_choice or use 'none'")
+        if req.functions or req.function_call not in (None, "none", "auto"):
+            raise refuse("functions" if req.functions else "function_call", "function calling is not supported")
+        if req.response_format is not None and req.response_format != {"type": "text"}:
+            raise refuse("response_format", f"only {{'type': 'text'}} is supported, not {req.response_format!r}; "
+                                            f"JSON mode and structured outputs are not implemented")
+        if req.modalities is not None and req.modalities != ["text"]:
+            raise refuse("modalities", "this server answers in text only; use ['text'] or omit it")
+        for name in ("audio", "prediction", "web_search_options"):
+            if getattr(req, name) is not None:
+                raise refuse(name, "not supported by this server; omit it")
+        if req.top_logprobs is not None and not req.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
+        max_n = self.cfg.http.max_n
+        if req.n > max_n:
+            raise ApiError(400, f"n={req.n} is above this server's limit of {max_n} choices (http.max_n)", param="n")
+        options: dict[str, Any] = {}
+        if req.stop:
+            options["stop"] = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop)
+        if req.logprobs:
+            options["logprobs"] = req.top_logprobs or 0
+        if req.presence_penalty:
+            options["presence_penalty"] = req.presence_penalty
+        if req.frequency_penalty:
+            options["frequency_penalty"] = req.frequency_penalty
+        if req.logit_bias:
+            vocab = getattr(self.backend, "vocab_size", None)
+            bias = {}
+            for key, value in req.logit_bias.items():
+                if not re.fullmatch(r"[0-9]{1,9}", key) or (vocab is not None and int(key) >= vocab):
+                    raise ApiError(400, f"logit_bias: {key!r} is not a token id of this model (0..{(vocab or 1) - 1})",
+                                   param="logit_bias")
+                bias[int(key)] = value
+            options["logit_bias"] = bias
+        supported = getattr(self.backend, "options", frozenset())
+        for name in options:
+            if name not in supported:
+                field_name = "top_logprobs" if name == "logprobs" and req.top_logprobs else name
+                raise refuse(field_name, f"not supported by this server's {self.backend.state().get('backend')} backend")
+        return options
+
     def begin_chat(self, req: ChatIn, tenant: str | None, on_delta=None):  # noqa: ANN001, ANN201
-        """Validate, route and start one chat request. Returns (final future, meta)."""
-        if req.n != 1:
-            raise ApiError(400, f"n={req.n} is not supported; this server returns one choice (n=1)", param="n")
+        """Validate, route and start one chat request: `n` generations, each its own response (event,
+        response_id, feedback token). Returns (one final future per choice, meta); `on_delta(index,
+        text, entries)` streams. meta["cancel"] stops every choice that is still decoding."""
+        options = self.check_openai_fields(req)
         messages = [m.plain() for m in req.messages]
         if messages[-1]["role"] != "user":
             raise ApiError(400, "the last message must come from the user", param="messages")
@@ -252,18 +330,40 @@ class Service:
                            param="max_tokens")
         temperature = g.temperature if req.temperature is None else req.temperature
         top_p = g.top_p if req.top_p is None else req.top_p
-        seed = req.seed if req.seed is not None else random.getrandbits(31)
         explicit = self.explicit_adapter(req)
+        conversation_id = req.conversation_id or f"conv-{uuid.uuid4().hex}"
+        cancel = threading.Event()
+        if "cancel" in getattr(self.backend, "options", frozenset()):
+            options["cancel"] = cancel
+        finals: list[Future] = []
+        meta: dict[str, Any] = {"cancel": cancel}
+        for index in range(req.n):
+            # A given seed makes the whole request reproducible; its choices still differ.
+            seed = (req.seed + index) % 2**63 if req.seed is not None else random.getrandbits(31)
+            delta = None if on_delta is None else functools.partial(on_delta, index)
+            try:
+                final, model, response_id = self._start_choice(req, messages, explicit, user, tenant, conversation_id, seed,
+                                                  temperature, top_p, max_tokens, delta, options)
+            except Exception:
+                cancel.set()  # the choices already started would never be read
+                raise
+            finals.append(final)
+            meta.setdefault("model", model)
+            meta.setdefault("response_id", response_id)
+        return finals, meta
+
+    def _start_choice(self, req: ChatIn, messages: list[dict], explicit: str | None, user: str,  # noqa: ANN202
+                      tenant: str | None, conversation_id: str, seed: int, temperature: float, top_p: float,
+                      max_tokens: int, on_delta, options: dict):  # noqa: ANN001
         try:
             choice = self.router.choose(user, explicit)
         except UnknownAdapter as e:
             raise ApiError(404, str(e), code="model_not_found", param="adapter") from None
         t0 = time.perf_counter()
         response_id = f"chatcmpl-{uuid.uuid4().hex}"
-        conversation_id = req.conversation_id or f"conv-{uuid.uuid4().hex}"
         final: Future = Future()
         try:
-            gen = self.backend.start(messages, max_tokens, temperature, top_p, seed, choice.name, on_delta)
+            gen = self.backend.start(messages, max_tokens, temperature, top_p, seed, choice.name, on_delta, **options)
         except Exception as e:
             choice.release()
             from serving.engine import PromptTooLong
@@ -276,9 +376,12 @@ class Service:
         def done(f: Future) -> None:
             try:
                 result = f.result()
-                extras = self.finalize(req, messages, choice, result, response_id=response_id,
-                                       conversation_id=conversation_id, user=user, tenant=tenant, seed=seed,
-                                       temperature=temperature, top_p=top_p, max_tokens=max_tokens, t0=t0)
+                # The client went away before the answer (and its feedback token) reached it: no
+                # response event, since no feedback can ever name it.
+                extras = None if result.finish_reason == "cancelled" else self.finalize(
+                    req, messages, choice, result, response_id=response_id, conversation_id=conversation_id,
+                    user=user, tenant=tenant, seed=seed, temperature=temperature, top_p=top_p,
+                    max_tokens=max_tokens, t0=t0)
                 final.set_result((result, extras))
             except Exception as e:  # noqa: BLE001 - handed to the request
                 log.exception("chat request %s failed", response_id)
@@ -288,7 +391,7 @@ class Service:
                 choice.release()
 
         gen.add_done_callback(done)
-        return final, {"response_id": response_id, "model": choice.label or self.served_name}
+        return final, choice.label or self.served_name, response_id
 
     # --- feedback -----------------------------------------------------------------------------
 
@@ -327,16 +430,25 @@ def _user_key(tenant: str | None, user: str) -> str:
 
 
 def _chunk(response_id: str, model: str, created: int, delta: dict, finish: str | None = None,
-           extras: dict | None = None) -> str:
+           extras: dict | None = None, index: int = 0, logprobs: list[dict] | None = None) -> str:
+    choice = {"index": index, "delta": delta, "finish_reason": finish,
+              "logprobs": None if logprobs is None else {"content": logprobs, "refusal": None}}
+    if extras:
+        choice.update(extras)
     body = {"id": response_id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "system_fingerprint": None,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **(extras or {})}
+            "system_fingerprint": None, "choices": [choice], **(extras or {})}
     return f"data: {json.dumps(body)}\n\n"
 
 
-def _usage(result) -> dict:  # noqa: ANN001
-    return {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-            "total_tokens": result.prompt_tokens + result.completion_tokens}
+def _usage(results: list) -> dict:
+    # OpenAI counts the prompt once however many choices it was answered with.
+    prompt = results[0].prompt_tokens
+    completion = sum(r.completion_tokens for r in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _logprobs(result) -> dict | None:  # noqa: ANN001
+    return None if result.token_logprobs is None else {"content": result.token_logprobs, "refusal": None}
 
 
 # --- bounded JSON ---------------------------------------------------------------------------
@@ -433,6 +545,20 @@ async def _read_json(request: Request, limit: int, http_cfg: Any) -> dict:  # no
     return parse_json_body(bytes(body), http_cfg.max_json_depth, http_cfg.max_number_chars)
 
 
+async def _await_unless_gone(request: Request, finals: list[Future], cancel: threading.Event) -> list | None:
+    """Every choice's (result, extras), or None if the client disconnected first (then `cancel` is
+    set, so the rows leave the batch at their next decode step instead of decoding to the end)."""
+    waiting = asyncio.ensure_future(asyncio.gather(*(asyncio.wrap_future(f) for f in finals)))
+    while True:
+        done, _ = await asyncio.wait({waiting}, timeout=0.1)
+        if done:
+            return waiting.result()
+        if await request.is_disconnected():
+            cancel.set()
+            waiting.add_done_callback(lambda w: w.exception())  # retrieved: no "never retrieved" warning
+            return None
+
+
 def _error_body(message: str, typ: str, code: str | None, param: str | None = None) -> dict:
     return {"error": {"message": message, "type": typ, "code": code, "param": param}}
 
@@ -525,9 +651,7 @@ def create_app(service: Service) -> FastAPI:
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/v1/models")
-    async def models(request: Request) -> dict:
-        tenant_of(request)
+    def model_cards() -> list[dict]:
         created = int(service.started)
         data = [{"id": service.served_name, "object": "model", "created": created, "owned_by": "flywheel"},
                 {"id": ROUTED_MODEL, "object": "model", "created": created, "owned_by": "flywheel",
@@ -539,7 +663,22 @@ def create_app(service: Service) -> FastAPI:
                        if r is not None and r.name == s.name]
             data.append({"id": s.label, "object": "model", "created": created, "owned_by": "flywheel",
                          "parent": service.served_name, "root": service.served_name, "aliases": aliases})
-        return {"object": "list", "data": data}
+        return data
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict:
+        tenant_of(request)
+        return {"object": "list", "data": model_cards()}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(request: Request, model_id: str) -> dict:
+        tenant_of(request)
+        for card in model_cards():
+            if card["id"] == model_id:
+                return card
+        raise ApiError(404, f"model {model_id!r} is not served here; use one of "
+                            f"{', '.join(service.model_names())} (GET /v1/models)", code="model_not_found",
+                       param="model")
 
     def body_schema(name: str) -> dict:
         return {"requestBody": {"required": True, "content": {
@@ -555,45 +694,74 @@ def create_app(service: Service) -> FastAPI:
             raise ApiError(422, _describe(e), code="invalid_fields") from None
         created = int(time.time())
         if not req.stream:
-            final, meta = service.begin_chat(req, tenant)
-            result, extras = await asyncio.wrap_future(final)
+            finals, meta = service.begin_chat(req, tenant)
+            outcomes = await _await_unless_gone(request, finals, meta["cancel"])
+            if outcomes is None:  # the client is gone; nobody reads this
+                return Response(status_code=499)
+            results = [r for r, _ in outcomes]
+            choices = [{"index": i, "message": {"role": "assistant", "content": result.text},
+                        "finish_reason": result.finish_reason, "logprobs": _logprobs(result), **extras}
+                       for i, (result, extras) in enumerate(outcomes)]
             return {"id": meta["response_id"], "object": "chat.completion", "created": created,
-                    "model": meta["model"], "system_fingerprint": None,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                                 "finish_reason": result.finish_reason, "logprobs": None}],
-                    "usage": _usage(result), **extras}
+                    "model": meta["model"], "system_fingerprint": None, "choices": choices,
+                    "usage": _usage(results), **outcomes[0][1]}
         loop = asyncio.get_running_loop()
-        deltas: asyncio.Queue[str | None] = asyncio.Queue()
+        # (choice index, text, log-prob entries) per delta; (choice index, None, None) when it ends
+        deltas: asyncio.Queue[tuple[int, str | None, list | None]] = asyncio.Queue()
         t0 = time.perf_counter()
         first = [True]
 
-        def on_delta(text: str) -> None:  # worker thread -> event loop, in order
+        def on_delta(index: int, text: str, entries: list | None = None) -> None:  # worker thread -> loop, in order
             if first[0]:
                 first[0] = False
                 metrics.first_token_seconds.observe(time.perf_counter() - t0)
-            loop.call_soon_threadsafe(deltas.put_nowait, text)
+            loop.call_soon_threadsafe(deltas.put_nowait, (index, text, entries))
 
-        final, meta = service.begin_chat(req, tenant, on_delta)
-        final.add_done_callback(lambda _f: loop.call_soon_threadsafe(deltas.put_nowait, None))
+        finals, meta = service.begin_chat(req, tenant, on_delta)
+        for i, final in enumerate(finals):
+            final.add_done_callback(lambda _f, i=i: loop.call_soon_threadsafe(deltas.put_nowait, (i, None, None)))
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        keepalive = service.cfg.http.sse_keepalive_s
 
         async def events():  # noqa: ANN202
             rid, model = meta["response_id"], meta["model"]
-            yield _chunk(rid, model, created, {"role": "assistant", "content": ""})
-            while (text := await deltas.get()) is not None:
-                yield _chunk(rid, model, created, {"content": text})
+            open_choices = set(range(len(finals)))
+            getter: asyncio.Future | None = None
             try:
-                result, extras = final.result()
-            except Exception as e:  # noqa: BLE001 - the status line is gone; say it in the stream
-                yield f"data: {json.dumps(_error_body(str(e), 'server_error', 'internal_error'))}\n\n"
+                for i in range(len(finals)):
+                    yield _chunk(rid, model, created, {"role": "assistant", "content": ""}, index=i)
+                while open_choices:
+                    # One get outlives the keep-alive timeouts, so a delta can never be lost to one.
+                    getter = getter or asyncio.ensure_future(deltas.get())
+                    if not (await asyncio.wait({getter}, timeout=keepalive))[0]:
+                        # An SSE comment: proxies and clients see a live stream while the answer waits
+                        # (for a batch slot, say); clients skip it.
+                        yield ": keep-alive\n\n"
+                        continue
+                    (index, text, entries), getter = getter.result(), None
+                    if text is not None:
+                        yield _chunk(rid, model, created, {"content": text}, index=index, logprobs=entries)
+                        continue
+                    open_choices.discard(index)
+                    try:
+                        result, extras = finals[index].result()
+                    except Exception as e:  # noqa: BLE001 - the status line is gone; say it in the stream
+                        yield f"data: {json.dumps(_error_body(str(e), 'server_error', 'internal_error'))}\n\n"
+                        yield "data: [DONE]\n\n"
+                        return
+                    yield _chunk(rid, model, created, {}, finish=result.finish_reason, extras=extras, index=index)
+                if include_usage:
+                    results = [f.result()[0] for f in finals]
+                    body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+                            "choices": [], "usage": _usage(results), **finals[0].result()[1]}
+                    yield f"data: {json.dumps(body)}\n\n"
                 yield "data: [DONE]\n\n"
-                return
-            yield _chunk(rid, model, created, {}, finish=result.finish_reason, extras=extras)
-            if include_usage:
-                body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                        "choices": [], "usage": _usage(result), **extras}
-                yield f"data: {json.dumps(body)}\n\n"
-            yield "data: [DONE]\n\n"
+            finally:
+                if getter is not None:
+                    getter.cancel()
+                # Closed early (the client disconnected, or the server stops): free the batch rows.
+                if open_choices:
+                    meta["cancel"].set()
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -59,10 +59,12 @@ def adapter_name(label: str) -> str:
 class GenResult:
     text: str
     token_ids: list[int]
-    finish_reason: str  # "stop" | "length"
+    finish_reason: str  # "stop" | "length" | "cancelled" (the client went away)
     prompt_tokens: int
     completion_tokens: int
     logprob: float  # summed log-probability of the completion tokens (incl. the final eos on "stop")
+    # OpenAI's choices[].logprobs.content entries, when the request asked for log-probabilities
+    token_logprobs: list[dict] | None = None
 
 
 @dataclass
@@ -73,8 +75,16 @@ class GenRequest:
     top_p: float
     seed: int | None = None
     adapter: str | None = None  # PEFT adapter name; None = base model
-    on_delta: Callable[[str], None] | None = None  # called from the worker thread with new text
+    # called from the worker thread with new text (and, when `logprobs` is set, the entries of the
+    # tokens since the last call: on_delta(text, entries))
+    on_delta: Callable[..., None] | None = None
     ignore_eos: bool = False  # always generate max_tokens (benchmarks: equal work per setting, as vLLM's)
+    stop: tuple[str, ...] = ()  # stop sequences: the answer ends before the first one, which is not returned
+    logprobs: int | None = None  # None: none returned; k: each token's log-probability and its k likeliest rivals
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence in the answer so far
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    cancel: threading.Event | None = None  # set -> the row leaves the batch at the next decode step
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.monotonic)
 
@@ -85,15 +95,65 @@ def _generator(seed: int | None) -> torch.Generator:
     return g
 
 
+class IncrementalText:
+    """Detokenises one answer token by token in linear time, where decoding the whole answer at every
+    token is quadratic.
+
+    Only a short window is decoded per step: the tokens since the last emitted text plus the ones
+    before them (so a decoder that strips a leading space, like SentencePiece's, sees its context).
+    Text is emitted once it does not end in U+FFFD, i.e. once a multi-byte character is complete;
+    `flush()` returns what is still held back. The pieces add up to `tokenizer.decode(ids)` for
+    decoders that map tokens to bytes locally (byte-level BPE, SentencePiece; tests/test_serving_openai.py
+    checks it on the models served here); vLLM detokenises the same way."""
+
+    def __init__(self, tokenizer: Any):  # noqa: ANN401 - any Hugging Face tokenizer
+        self.decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+        self.ids: list[int] = []
+        self.prefix = 0  # start of the context window
+        self.read = 0  # tokens whose text has been emitted
+
+    def step(self, token: int) -> str:
+        self.ids.append(token)
+        before = self.decode(self.ids[self.prefix:self.read])
+        now = self.decode(self.ids[self.prefix:])
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return now[len(before):]
+        return ""
+
+    def flush(self) -> str:
+        before = self.decode(self.ids[self.prefix:self.read])
+        now = self.decode(self.ids[self.prefix:])
+        self.prefix = self.read = len(self.ids)
+        return now[len(before):]
+
+
+def find_stop(text: str, stops: tuple[str, ...], start: int) -> int:
+    """Index of the earliest stop sequence in text that ends after `start`, or -1."""
+    hits = [i for s in stops if (i := text.find(s, max(0, start - len(s) + 1))) >= 0]
+    return min(hits, default=-1)
+
+
+def stop_holdback(text: str, stops: tuple[str, ...]) -> int:
+    """How many trailing characters might begin a stop sequence (so must not be streamed yet)."""
+    return max((k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1)
+                if text.endswith(s[:k])), default=0)
+
+
 @dataclass
 class _Row:
     """One request being decoded: its sampler and what it has produced so far."""
 
     req: GenRequest
     gen: torch.Generator
+    detok: IncrementalText
     tokens: list[int] = field(default_factory=list)
     logprob: float = 0.0
+    text: str = ""  # decoded so far (cut before a stop sequence once one is found)
     sent: str = ""  # the text already streamed
+    entries: list[dict] = field(default_factory=list)  # log-prob entries (when asked for)
+    entries_sent: int = 0  # entries already handed to on_delta
+    counts: torch.Tensor | None = None  # per-token occurrence counts (penalties only)
 
 
 @dataclass
@@ -184,7 +244,9 @@ class Engine:
         self._queue: queue.Queue[GenRequest | None] = queue.Queue()
         self._control: queue.Queue[tuple[Callable[[], object], Future]] = queue.Queue()
         self._stop = threading.Event()
-        self.stats = {"batches": 0, "requests": 0, "tokens": 0, "max_batch_seen": 0, "joined": 0}
+        self.stats = {"batches": 0, "requests": 0, "tokens": 0, "max_batch_seen": 0, "joined": 0,
+                      "steps": 0, "cancelled": 0}
+        self.active_rows = 0  # rows in the running batch (cancelled rows leave it at the next step)
         self._worker = threading.Thread(target=self._run, name="serving-engine", daemon=True)
         self._worker.start()
 
@@ -209,18 +271,27 @@ class Engine:
         self._queue.put(req)
         return req.future
 
+    # GenRequest options this backend honours (serving.app refuses them for a backend without them)
+    options = frozenset({"stop", "logprobs", "presence_penalty", "frequency_penalty", "logit_bias", "cancel"})
+
     def start(self, messages: list[dict], max_tokens: int, temperature: float, top_p: float, seed: int | None,
-              adapter: str | None, on_delta: Callable[[str], None] | None = None) -> Future:
-        """Queue one chat request; the future resolves to a GenResult. Raises PromptTooLong at once."""
+              adapter: str | None, on_delta: Callable[..., None] | None = None, **options: Any) -> Future:  # noqa: ANN401
+        """Queue one chat request; the future resolves to a GenResult. Raises PromptTooLong at once.
+        `options`: the GenRequest fields named in `Engine.options`."""
         ids = self.encode(messages, max_tokens)
-        return self.submit(GenRequest(ids, max_tokens, temperature, top_p, seed=seed, adapter=adapter, on_delta=on_delta))
+        return self.submit(GenRequest(ids, max_tokens, temperature, top_p, seed=seed, adapter=adapter,
+                                      on_delta=on_delta, **options))
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.config.vocab_size)
 
     def state(self) -> dict:
         return {"backend": "transformers", "model_path": self.model_path, "dtype": str(self.dtype),
                 "precision": self.precision.record(),
                 "device": str(self.device), "queue": self._queue.qsize(), "max_batch": self.max_batch,
                 "max_wait_ms": self.max_wait * 1000,
-                "continuous": self.continuous, **self.stats}
+                "continuous": self.continuous, "active_rows": self.active_rows, **self.stats}
 
     def generate(self, messages: list[dict], max_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
                  seed: int | None = None, adapter: str | None = None) -> GenResult:
@@ -348,7 +419,7 @@ class Engine:
             attn[i, width - len(r.prompt_ids):] = 1
         ids, attn = ids.to(self.device), attn.to(self.device)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        rows = [_Row(r, _generator(r.seed)) for r in reqs]
+        rows = [_Row(r, _generator(r.seed), IncrementalText(self.tokenizer)) for r in reqs]
         past, logits = self._forward(rows, ids, attn, pos, DynamicCache())
         return _Batch(rows, past, attn, pos[:, -1:], logits)
 
@@ -376,51 +447,119 @@ class Engine:
         requests join it between steps (their prompts prefilled, their cache left-padded to the
         batch's length), so a short request never waits for a long batch to end."""
         batch = self._prefill(list(live))
-        while batch is not None and batch.rows:
-            self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(batch.rows))
-            logp = torch.log_softmax(batch.logits.float(), dim=-1)
-            keep, next_ids = [], []
-            for j, row in enumerate(batch.rows):
-                r = row.req
-                tok = self._sample(logp[j], r.temperature, r.top_p, row.gen)
-                row.logprob += float(logp[j, tok])
-                done = None
-                if tok in self.eos_ids and not r.ignore_eos:
-                    done = "stop"
-                else:
-                    row.tokens.append(tok)
-                    if len(row.tokens) >= r.max_tokens:
-                        done = "length"
-                if r.on_delta is not None and done != "stop":
-                    text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
-                    if not text.endswith("\ufffd") and len(text) > len(row.sent):
-                        r.on_delta(text[len(row.sent):])
-                        row.sent = text
-                if done:
-                    self._finish(r, row.tokens, done, row.logprob, row.sent)
-                else:
-                    keep.append(j)
-                    next_ids.append(tok)
-            self.stats["tokens"] += len(batch.rows)
-            if len(keep) < len(batch.rows):
-                batch.select(keep)
-            if batch.rows:
-                batch.attn = torch.cat([batch.attn, batch.attn.new_ones((len(batch.rows), 1))], dim=-1)
-                batch.pos = batch.pos + 1
-                step_ids = torch.tensor(next_ids, device=self.device).unsqueeze(-1)
-                batch.past, batch.logits = self._forward(batch.rows, step_ids, batch.attn, batch.pos, batch.past)
-            new = self._admit(self.max_batch - len(batch.rows), live) if batch.mergeable() else []
-            joined = self._prefill(new) if new else None
-            if joined is not None:
-                batch = batch.merge(joined) if batch.rows else joined
+        try:
+            while batch is not None and batch.rows:
+                self.active_rows = len(batch.rows)
+                self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], len(batch.rows))
+                self.stats["steps"] += 1
+                logits = batch.logits.float()
+                logp = torch.log_softmax(logits, dim=-1)
+                keep, next_ids = [], []
+                for j, row in enumerate(batch.rows):
+                    if row.req.cancel is not None and row.req.cancel.is_set():
+                        self.stats["cancelled"] += 1
+                        self._finish(row, "cancelled")
+                        continue
+                    tok = self._step(row, logits[j], logp[j])
+                    if tok is not None:
+                        keep.append(j)
+                        next_ids.append(tok)
+                self.stats["tokens"] += len(batch.rows)
+                if len(keep) < len(batch.rows):
+                    batch.select(keep)
+                self.active_rows = len(batch.rows)
+                if batch.rows:
+                    batch.attn = torch.cat([batch.attn, batch.attn.new_ones((len(batch.rows), 1))], dim=-1)
+                    batch.pos = batch.pos + 1
+                    step_ids = torch.tensor(next_ids, device=self.device).unsqueeze(-1)
+                    batch.past, batch.logits = self._forward(batch.rows, step_ids, batch.attn, batch.pos, batch.past)
+                new = self._admit(self.max_batch - len(batch.rows), live) if batch.mergeable() else []
+                joined = self._prefill(new) if new else None
+                if joined is not None:
+                    batch = batch.merge(joined) if batch.rows else joined
+        finally:
+            self.active_rows = 0
 
-    def _finish(self, r: GenRequest, toks: list[int], reason: str, logprob: float, sent: str) -> None:
-        text = self.tokenizer.decode(toks, skip_special_tokens=True)
-        if r.on_delta is not None and len(text) > len(sent):
-            r.on_delta(text[len(sent):])
-        r.future.set_result(GenResult(text=text, token_ids=toks, finish_reason=reason,
-                                      prompt_tokens=len(r.prompt_ids), completion_tokens=len(toks),
-                                      logprob=min(0.0, logprob)))
+    def _step(self, row: _Row, logits: torch.Tensor, logp: torch.Tensor) -> int | None:
+        """Sample one row's next token, stream what text is safe to send; the token to feed back, or
+        None when the row is done (eos, a stop sequence, the token limit)."""
+        r = row.req
+        sampling = logp
+        if r.presence_penalty or r.frequency_penalty or r.logit_bias:
+            sampling = torch.log_softmax(self._processed(row, logits), dim=-1)
+        tok = self._sample(sampling, r.temperature, r.top_p, row.gen)
+        # The event's completion_logprob and the API's logprobs are the model's own (before
+        # temperature, penalties and bias), like vLLM's default.
+        row.logprob += float(logp[tok])
+        if tok in self.eos_ids and not r.ignore_eos:  # eos is in completion_logprob, not in the content
+            self._finish(row, "stop")
+            return None
+        if r.logprobs is not None:
+            row.entries.append(self._entry(logp, tok, r.logprobs))
+        row.tokens.append(tok)
+        if row.counts is not None:
+            row.counts[tok] += 1
+        checked = len(row.text)
+        row.text += row.detok.step(tok)
+        if r.stop and (cut := find_stop(row.text, r.stop, checked)) >= 0:
+            row.text = row.text[:cut]
+            self._finish(row, "stop", flush=False)
+            return None
+        if len(row.tokens) >= r.max_tokens:
+            self._finish(row, "length")
+            return None
+        ready = len(row.text) - (stop_holdback(row.text, r.stop) if r.stop else 0)
+        if r.on_delta is not None and ready > len(row.sent):
+            self._send(row, row.text[len(row.sent):ready])
+        return tok
+
+    def _processed(self, row: _Row, logits: torch.Tensor) -> torch.Tensor:
+        """Logits after OpenAI's presence/frequency penalties (over the answer so far) and logit_bias."""
+        r = row.req
+        out = logits.clone()
+        if r.presence_penalty or r.frequency_penalty:
+            if row.counts is None:
+                row.counts = torch.zeros(out.numel(), dtype=out.dtype, device=out.device)
+                for t in row.tokens:
+                    row.counts[t] += 1
+            out -= r.frequency_penalty * row.counts + r.presence_penalty * (row.counts > 0).to(out.dtype)
+        for t, bias in r.logit_bias.items():
+            if t < out.numel():
+                out[t] += bias
+        return out
+
+    def _entry(self, logp: torch.Tensor, tok: int, k: int) -> dict:
+        """One token's entry in OpenAI's logprobs.content shape."""
+
+        def item(t: int, lp: float) -> dict:
+            text = self.tokenizer.decode([t], skip_special_tokens=False)
+            return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+
+        top = []
+        if k:
+            values, ids = torch.topk(logp, k)
+            top = [item(int(t), float(v)) for v, t in zip(values.tolist(), ids.tolist(), strict=True)]
+        return {**item(tok, float(logp[tok])), "top_logprobs": top}
+
+    def _send(self, row: _Row, text: str) -> None:
+        if row.req.logprobs is None:
+            row.req.on_delta(text)
+        else:
+            row.req.on_delta(text, row.entries[row.entries_sent:])
+            row.entries_sent = len(row.entries)
+        row.sent += text
+
+    def _finish(self, row: _Row, reason: str, flush: bool = True) -> None:
+        r = row.req
+        if flush:
+            row.text += row.detok.flush()
+        unsent = len(row.text) > len(row.sent) or len(row.entries) > row.entries_sent
+        if r.on_delta is not None and reason != "cancelled" and unsent:
+            self._send(row, row.text[len(row.sent):])
+        r.future.set_result(GenResult(text=row.text, token_ids=row.tokens, finish_reason=reason,
+                                      prompt_tokens=len(r.prompt_ids), completion_tokens=len(row.tokens),
+                                      logprob=min(0.0, row.logprob),
+                                      token_logprobs=row.entries if r.logprobs is not None else None))
 
     @staticmethod
     def _sample(logp: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:

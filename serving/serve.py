@@ -75,6 +75,8 @@ class HttpConfig:
     chat_per_minute: float = 0.0  # per user; 0 = unlimited
     chat_burst: int = 20
     max_responses: int = 200_000  # idempotency keys and regenerate-ownership hints remembered (LRU)
+    max_n: int = 4  # most choices one chat request may ask for (each is a full generation)
+    sse_keepalive_s: float = 15.0  # a streamed answer with nothing to send for this long gets an SSE comment
     log_level: str = "warning"
     gil_switch_interval_ms: float = 0.5  # Python's default is 5 ms
 

@@ -182,7 +182,7 @@ def test_hostile_inputs_get_4xx_and_emit_nothing(server):
         ("chat: messages not a list", C, {"messages": "hi"}, None, 422),
         ("chat: bad role", C, {"messages": [{"role": "tool", "content": "x"}]}, None, 422),
         ("chat: last turn not user", C, {"messages": [{"role": "assistant", "content": "x"}]}, None, 400),
-        ("chat: n=2", C, {"messages": msgs, "n": 2}, None, 400),
+        ("chat: n above http.max_n", C, {"messages": msgs, "n": 99}, None, 400),
         ("chat: temperature string", C, {"messages": msgs, "temperature": "hot"}, None, 422),
         ("chat: negative max_tokens", C, {"messages": msgs, "max_tokens": -5}, None, 422),
         ("chat: max_tokens above ceiling", C, {"messages": msgs, "max_tokens": 100_000}, None, 400),
