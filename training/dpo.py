@@ -22,11 +22,10 @@ from typing import Any
 
 import torch
 from trl import DPOConfig, DPOTrainer
-from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from ingest import endpoints
 from ingest.config import parse_config
-from training import common, registry
+from training import common, registry, trl_seam
 from training.weighted_dpo import LOSS_TYPES, weighted_dpo_loss
 
 
@@ -112,7 +111,6 @@ def completion_logps(model: torch.nn.Module, model_kwargs: dict[str, Any],
     or a model wrapped for distribution) it is TRL's forward unchanged.
     """
     from peft import PeftModel
-    from trl.kernels import ChunkedLogProbFunction
 
     causal_lm = model.get_base_model() if isinstance(model, PeftModel) else model
     head = causal_lm.get_output_embeddings() if hasattr(causal_lm, "get_output_embeddings") else None
@@ -121,23 +119,22 @@ def completion_logps(model: torch.nn.Module, model_kwargs: dict[str, Any],
         getattr(config.get_text_config(), k, None) is not None
         for k in ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"))
     if labels.device.type != "cpu" or head is None or not plain_head:
-        outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
-        return outputs.log_probs[:, -(labels.size(1) - 1):].sum(dim=1), outputs
+        return trl_seam.fused_head_logps(model, model_kwargs, labels)
     hidden = causal_lm.base_model(**model_kwargs).last_hidden_state[:, :-1]
     targets = labels[:, 1:]
     mask = targets != -100
-    per_token, *_ = ChunkedLogProbFunction.apply(hidden[mask], head.weight, head.bias, targets[mask], 1.0, 32768,
-                                                 None, 1.0, ("log_probs",))
+    per_token = trl_seam.chunked_logprobs(hidden[mask], head, targets[mask])
     rows = mask.nonzero()[:, 0]
     return per_token.new_zeros(mask.shape[0]).index_add(0, rows, per_token), None
 
 
-class WeightedPreferenceCollator(DataCollatorForPreference):
+class WeightedPreferenceCollator(trl_seam.DataCollatorForPreference):
     """TRL's preference collator plus a `weight` tensor (one per pair)."""
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         out = super().torch_call(examples)
-        out["weight"] = torch.tensor([float(e.get("weight", 1.0)) for e in examples], dtype=torch.float32)
+        # No default: a batch without weights means the column was dropped on the way (trl_seam.KeepColumns).
+        out["weight"] = torch.tensor([float(e["weight"]) for e in examples], dtype=torch.float32)
         return out
 
 
@@ -153,35 +150,29 @@ def _model_inputs(inputs: dict[str, Any]) -> tuple[dict[str, Any], torch.Tensor]
     return model_kwargs, inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
 
 
-class WeightedDPOTrainer(DPOTrainer):
+class WeightedDPOTrainer(trl_seam.KeepColumns, DPOTrainer):
     """DPOTrainer whose batch loss is the weighted mean of per-pair losses (weighted_dpo.py).
 
     Only the loss and the metrics are replaced; tokenisation, reference handling (adapter disabled,
     a frozen copy of the start adapter, or precomputed log-probs), checkpointing and distribution are
     TRL's. Supports loss_type sigmoid | ipo | robust, plus an optional NLL term on the chosen answers.
+    Every TRL internal it needs goes through training/trl_seam.py.
     """
 
+    extra_columns = ("weight",)  # trl_seam.KeepColumns: TRL would drop the column before the collator
     sft_alpha: float = 0.0  # weight of the chosen answers' per-token NLL (RPO); set from Config.sft_alpha
 
-    def _set_signature_columns_if_needed(self):
-        super()._set_signature_columns_if_needed()
-        if "weight" not in self._signature_columns:
-            self._signature_columns = [*self._signature_columns, "weight"]
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        trl_seam.check_trainer(self)
 
     def compute_ref_log_probs(self, model, inputs):  # noqa: ANN001
         """TRL's reference log-probs (same adapter switching), through completion_logps."""
         inputs = _without_weight(inputs)
         if self.ld_alpha is not None:
             return super().compute_ref_log_probs(model, inputs)
-        from trl.trainer.dpo_trainer import disable_gradient_checkpointing, is_peft_model, use_adapter
-
         model_kwargs, labels = _model_inputs(inputs)
-        adapter_context = contextlib.nullcontext()
-        if self.ref_model is None and is_peft_model(self.model):  # the "ref" copy of the start adapter, or none
-            unwrapped = self.accelerator.unwrap_model(self.model)
-            adapter_context = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
-        with (torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
-              adapter_context, self.accelerator.autocast()):
+        with torch.no_grad(), trl_seam.reference_context(self), self.accelerator.autocast():
             logps, _ = completion_logps(model, model_kwargs, labels)
         return logps.chunk(2, dim=0)
 
@@ -212,19 +203,17 @@ class WeightedDPOTrainer(DPOTrainer):
         c_rew, r_rew = acc(self.beta * chosen_lr.detach()), acc(self.beta * rejected_lr.detach())
         c_lp, r_lp = acc(chosen_logps.detach()), acc(rejected_logps.detach())
         if keep.any():
-            m = self._metrics[mode]
-            m["rewards/chosen"].append(c_rew[keep].mean().item())
-            m["rewards/rejected"].append(r_rew[keep].mean().item())
-            m["rewards/margins"].append((c_rew - r_rew)[keep].mean().item())
-            m["rewards/accuracies"].append((c_rew > r_rew)[keep].float().mean().item())
-            m["logps/chosen"].append(c_lp[keep].mean().item())
-            m["logps/rejected"].append(r_lp[keep].mean().item())
-            # The policy's own preference (which answer it finds likelier), meaningful before training too,
-            # unlike rewards/accuracies, which are ties (0) while the policy still equals the reference.
-            m["policy_pref_acc"].append((c_lp > r_lp)[keep].float().mean().item())
-        if mode == "train":
-            self._total_train_tokens += acc(inputs["attention_mask"].sum()).sum().item()
-        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+            for name, value in (
+                    ("rewards/chosen", c_rew[keep].mean()), ("rewards/rejected", r_rew[keep].mean()),
+                    ("rewards/margins", (c_rew - r_rew)[keep].mean()),
+                    ("rewards/accuracies", (c_rew > r_rew)[keep].float().mean()),
+                    ("logps/chosen", c_lp[keep].mean()), ("logps/rejected", r_lp[keep].mean()),
+                    # The policy's own preference (which answer it finds likelier), meaningful before training
+                    # too, unlike rewards/accuracies, which are ties (0) while the policy equals the reference.
+                    ("policy_pref_acc", (c_lp > r_lp)[keep].float().mean())):
+                trl_seam.record_metric(self, mode, name, value.item())
+        n_tokens = int(acc(inputs["attention_mask"].sum()).sum().item()) if mode == "train" else 0
+        trl_seam.count_train_tokens(self, mode, n_tokens)
         return (loss, outputs) if return_outputs else loss
 
 
@@ -356,7 +345,7 @@ def main(cfg: Config) -> dict[str, Any]:
         final = {"train_loss": sum(step_losses) / max(len(step_losses), 1),
                  "final_step_loss": step_losses[-1] if step_losses else float("nan"), "train_seconds": train_s,
                  "train_steps": trainer.state.global_step, "peak_memory_mb": common.peak_memory_mb(hw.device),
-                 "tokens_per_s": trainer._total_train_tokens / max(train_s, 1e-9),
+                 "tokens_per_s": trl_seam.train_tokens(trainer) / max(train_s, 1e-9),
                  **_heldout(after, "heldout_"), **_heldout(before, "heldout_before_")}
         final = {k.replace("/", "_"): float(v) for k, v in final.items()}
         mlflow.log_metrics(final, step=trainer.state.global_step)
