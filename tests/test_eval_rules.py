@@ -130,3 +130,22 @@ def test_winrate_prompts_empty_eval_split_is_labelled_as_heldout_only(monkeypatc
         json.dumps({"messages": [{"role": "user", "content": f"h{i}"}]}) + "\n" for i in range(5)))
     prompts, label = ev.winrate_prompts(ev.Config(eval_data=str(tmp_path), winrate_prompts="auto", n_winrate=4), "ds-x")
     assert len(prompts) == 4 and label == "eval_data/heldout.jsonl (4)"
+
+
+def test_dataset_rows_raises_for_a_missing_version_or_missing_files(tmp_path, monkeypatch):
+    """Rows of a present kind come back; a kind the manifest counts 0 of is []; an unknown version, or
+    counted rows whose Parquet files are gone, raise instead of scoring the candidate on no rows."""
+    from training import evaluate as ev
+    from training.synthetic import write_dataset
+
+    monkeypatch.setenv("FLYWHEEL_VAR", str(tmp_path))
+    write_dataset(tmp_path / "datasets", "ds-rows", n_train=4, n_eval=6, seed=0, kinds=("dpo",))
+    rows = ev.dataset_rows("ds-rows", "dpo")
+    assert len(rows) == 6 and {"prompt_json", "chosen", "rejected"} <= set(rows[0])
+    assert ev.dataset_rows("ds-rows", "kto") == []  # the manifest counts no kto rows: legitimately empty
+    with pytest.raises(FileNotFoundError, match="no manifest"):
+        ev.dataset_rows("ds-never-built", "dpo")
+    for f in (tmp_path / "datasets" / "dpo").rglob("split=eval/*.parquet"):
+        f.unlink()
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        ev.dataset_rows("ds-rows", "dpo")

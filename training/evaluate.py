@@ -193,16 +193,17 @@ def take(rows: list[dict], n: int, seed: int) -> list[dict]:
 
 
 def dataset_rows(version: str, kind: str, split: str = "eval") -> list[dict]:
-    """Rows of a dataset partition, read from the Parquet layout of the shared data contract."""
-    import pyarrow.parquet as pq
+    """Contract rows of one kind and split of a dataset version (ingest.reader, stable order).
 
-    from ingest import endpoints
+    A version may hold only some kinds, so a kind its manifest counts no rows of is []. An unknown
+    version, or counted rows whose files are missing, raises (ingest.reader says which and what to
+    do): an evaluation that silently found no rows would score the candidate on nothing.
+    """
+    from ingest import reader
 
-    folder = endpoints.var_dir() / "datasets" / kind / f"version={version}" / f"split={split}"
-    files = sorted(folder.glob("*.parquet"))
-    if not files:
+    if reader.manifest(version).get("counts", {}).get(kind, {}).get(split, 0) == 0:
         return []
-    return [r for f in files for r in pq.read_table(f).to_pylist()]
+    return reader.load_rows(version, kind, split)
 
 
 def winrate_prompts(cfg: Config, dataset_version: str | None) -> tuple[list[Messages], str]:
