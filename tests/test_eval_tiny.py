@@ -7,8 +7,10 @@ tiny model's own synthetic topics (seconds each):
   flipped  the same pairs with the labels swapped                                  -> must be rejected
   longer   chosen = long prose, rejected = short prose (no lists)                  -> must fail on length
 
-The judge is the rule judge `uses_list` (the reward model is another engineer's and not needed to
-test the gate's logic). The tiny model was pre-trained with ~25% list answers, so lists are learnable.
+The judge is the rule judge `uses_list`: these adapters were trained on exactly that rule, so here it
+is a judge known to be right, and the gate is told to trust it (`min_judge_accuracy: null`, a test
+policy); production judges are reward models whose held-out accuracy decides whether they count. The
+tiny model was pre-trained with ~25% list answers, so lists are learnable.
 """
 
 from __future__ import annotations
@@ -117,13 +119,28 @@ def adapters(stack, tiny_model, tmp_path_factory) -> Iterator[dict[str, str]]:
     torch.set_num_threads(threads)
 
 
+def trusting_policy() -> Path:
+    """The committed gate policy, except that the (known-right) rule judge is trusted."""
+    import tempfile
+
+    import yaml
+
+    repo = Path(__file__).resolve().parent.parent
+    policy = yaml.safe_load((repo / "training/configs/gate.yaml").read_text())
+    policy["policy"]["min_judge_accuracy"] = None
+    path = Path(tempfile.mkdtemp()) / "gate.trusting.yaml"
+    path.write_text(yaml.safe_dump(policy))
+    return path
+
+
 def evaluate(candidate: str, **overrides):  # noqa: ANN201
     from ingest.config import load_config
     from training import evaluate as ev
 
     repo = Path(__file__).resolve().parent.parent
     cfg = load_config(ev.Config, repo / "training/configs/evaluate.tiny.yaml",
-                      [f"candidate={candidate}", "baseline=base", "gate=true", "n_winrate=40", "n_benign=4",
+                      [f"candidate={candidate}", "baseline=base", "gate=true", f"gate_config={trusting_policy()}",
+                       "n_winrate=40", "n_benign=4",
                        "n_harmful=4", "n_sycophancy=4", "n_regression=4", "max_new_tokens=40", "threads=1"]
                       + [f"{k}={v}" for k, v in overrides.items()])
     return ev.main(cfg)
@@ -157,7 +174,8 @@ def test_flipped_labels_are_rejected(adapters):
     gate = result["gate"]
     assert result["metrics"]["pref_accuracy"] < 0.2
     assert not gate["passed"]
-    assert any(ln.startswith("FAIL win_rate_ci_low") for ln in gate["lines"]), gate["lines"]
+    assert any(ln.startswith("FAIL win_rate_not_worse") for ln in gate["lines"]), gate["lines"]
+    assert any(ln.startswith("FAIL preference_accuracy") for ln in gate["lines"]), gate["lines"]
     m = result["metrics"]
     assert m["win_rate"] < 0.5 and m["list_rate_candidate"] < m["list_rate_baseline"], m
 
@@ -185,13 +203,16 @@ def test_gate_cli_reads_the_eval_run(adapters, stack):
                           cwd=repo, env=os.environ.copy(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     decision = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert decision["passed"] is False and any("win_rate_ci_low" in ln for ln in decision["lines"])
+    # The committed policy: a rule judge reports no held-out accuracy, so it abstains ...
+    assert decision["lines"][0].startswith("SKIP judge") and decision["offline_evidence"] == "none"
+    # ... and the flipped adapter is still stopped, by its held-out implicit-reward accuracy.
+    assert decision["passed"] is False and any(ln.startswith("FAIL preference_accuracy") for ln in decision["lines"])
 
 
 def test_missing_reward_model_says_how_to_evaluate_without_one(stack):
     from training import judges
 
-    with pytest.raises(RuntimeError, match="judge=rule:uses_list"):
+    with pytest.raises(RuntimeError, match="judge=none"):
         judges.make_judge("rm:models:/flywheel-reward@no-such-alias")
 
 
