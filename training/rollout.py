@@ -14,7 +14,7 @@ Then an anytime-valid sequential test (training.sequential) decides, and this jo
             maximum sample is reached -> `champion` moves to it (training.promote; the old one is `previous`)
   rollback  challenger worse, or a guardrail tripped -> `challenger` and the canary tags are cleared,
             the champion stays, the reason is recorded
-  wait      undecided -> says how many more rated answers per arm it needs
+  wait      undecided -> says how many more rated answers the smaller arm needs
 
 Every call logs both arms' figures to the canary's MLflow run (step = rated answers so far) and
 redraws `rollout.png` (both rates with their intervals over time); decisions go to registry tags and
