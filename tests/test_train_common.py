@@ -47,3 +47,37 @@ def test_last_checkpoint_takes_the_newest_complete_one(tmp_path: Path) -> None:
 def test_resolve_start_base_needs_no_registry(tmp_path: Path) -> None:
     start = common.resolve_start("base", "flywheel-assistant", "tiny", tmp_path)
     assert start.adapter_dir is None and start.label == "base"
+
+
+def test_start_mlflow_run_reopens_only_what_exists_and_lets_real_errors_through(tmp_path: Path, monkeypatch) -> None:
+    """The recorded run is re-opened; a deleted run or one the server does not know gets a fresh run;
+    any other tracking error propagates instead of silently starting a second run."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    state = tmp_path / "state"
+
+    def start() -> str:
+        with common.start_mlflow_run("exp-reopen", "r", state, {}) as run:
+            return run.info.run_id
+
+    first = start()
+    assert (state / "mlflow_run_id").read_text() == first
+    assert start() == first  # after a kill: the same run
+    MlflowClient().delete_run(first)
+    second = start()
+    assert second != first and (state / "mlflow_run_id").read_text() == second
+    (state / "mlflow_run_id").write_text("0" * 32)  # an id from another server
+    third = start()
+    assert third not in (first, second)
+
+    def unavailable(self, run_id):  # noqa: ANN001, ANN202 - what a tracking server answering 503 raises
+        raise MlflowException("API request failed with error code 503", error_code="TEMPORARILY_UNAVAILABLE")
+
+    monkeypatch.setattr(MlflowClient, "get_run", unavailable)
+    with pytest.raises(MlflowException, match="503"):
+        start()
+    assert (state / "mlflow_run_id").read_text() == third  # nothing was started over it
+    assert mlflow.active_run() is None

@@ -246,18 +246,32 @@ def resolve_start(init_from: str, registry_model: str, base_model: str, download
 
 # --- MLflow tracking ---------------------------------------------------------------------------
 
+def _reopenable(run_id: str, experiment_id: str) -> bool:
+    """Whether the recorded run can be re-opened: it exists on this server, is not deleted, and belongs to
+    this experiment. Only "no such run" is an answer here (the id file came from another server, or the
+    run was purged); any other failure (server down, HTTP 500, bad credentials) propagates, since starting
+    a fresh run then would split one training run's metrics over two MLflow runs."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        run = MlflowClient().get_run(run_id)
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise
+    return run.info.lifecycle_stage == "active" and run.info.experiment_id == experiment_id
+
+
 def start_mlflow_run(experiment: str, run_name: str, state_dir: Path, tags: dict[str, str]):  # -> ActiveRun
     """Start (or, after a kill, re-open) the job's MLflow run; its id is kept in state_dir/mlflow_run_id."""
     import mlflow
 
     mlflow.set_tracking_uri(endpoints.mlflow_tracking_uri())
-    mlflow.set_experiment(experiment)
+    exp = mlflow.set_experiment(experiment)
     id_file = state_dir / "mlflow_run_id"
-    if id_file.is_file():
-        try:
-            return mlflow.start_run(run_id=id_file.read_text().strip())
-        except Exception:  # noqa: BLE001 - run deleted or from another server: start a fresh one
-            pass
+    if id_file.is_file() and _reopenable(id_file.read_text().strip(), exp.experiment_id):
+        return mlflow.start_run(run_id=id_file.read_text().strip())
     run = mlflow.start_run(run_name=run_name, tags=tags)
     state_dir.mkdir(parents=True, exist_ok=True)
     id_file.write_text(run.info.run_id)
