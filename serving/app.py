@@ -5,8 +5,9 @@ gets the status that names its problem:
 
   400 undecodable body (bad JSON, invalid UTF-8, not an object, nested deeper than
       http.max_json_depth, a number longer than http.max_number_chars, NaN/Infinity, a lone UTF-16
-      surrogate) or a request we cannot serve (n>1, last message not from the user, prompt too
-      long, max_tokens above the ceiling)
+      surrogate) or a request we cannot serve (n above http.max_n, last message not from the user,
+      prompt too long, max_tokens above the ceiling, an OpenAI field we do not implement: tools,
+      response_format other than text, ...: `unsupported_parameter`, `param` naming it)
   401 missing/invalid API key (when keys are configured); forged, malformed or retired feedback token
   403 the (verified) token was given to another user or app
   404 unknown model / adapter version, unknown route   405 wrong method
