@@ -407,6 +407,10 @@ class Engine:
         for r in [r for r in reqs if r.adapter is not None and r.adapter not in self.adapters]:
             r.future.set_exception(AdapterLoadError(f"adapter {r.adapter} is not loaded"))
             reqs = [q for q in reqs if q is not r]
+        for r in [r for r in reqs if r.cancel is not None and r.cancel.is_set()]:  # gone while queued: no prefill
+            self.stats["cancelled"] += 1
+            r.future.set_result(GenResult("", [], "cancelled", len(r.prompt_ids), 0, 0.0))
+            reqs = [q for q in reqs if q is not r]
         if not reqs:
             return None
         self.stats["batches"] += 1
@@ -558,7 +562,7 @@ class Engine:
             self._send(row, row.text[len(row.sent):])
         r.future.set_result(GenResult(text=row.text, token_ids=row.tokens, finish_reason=reason,
                                       prompt_tokens=len(r.prompt_ids), completion_tokens=len(row.tokens),
-                                      logprob=min(0.0, row.logprob),
+                                      logprob=row.logprob,  # log_softmax terms: <= 0 unless a bug
                                       token_logprobs=row.entries if r.logprobs is not None else None))
 
     @staticmethod

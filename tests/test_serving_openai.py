@@ -300,7 +300,8 @@ def test_retrieve_model(srv) -> None:
 
 def test_cancel_drops_the_row_at_the_next_decode_step(srv) -> None:
     """The engine checks each row's cancel flag before sampling: set it from the 3rd delta and the
-    answer has exactly 3 tokens, and the engine holds no active row afterwards."""
+    answer has exactly 3 tokens, and the engine holds no active row afterwards; a request cancelled
+    before it is admitted is never prefilled."""
     engine = srv.service.backend
     cancel, seen = threading.Event(), []
 
@@ -315,6 +316,10 @@ def test_cancel_drops_the_row_at_the_next_decode_step(srv) -> None:
     assert (r.finish_reason, r.completion_tokens, len(seen)) == ("cancelled", 3, 3)
     assert engine.state()["cancelled"] == before + 1
     _wait(lambda: engine.state()["active_rows"] == 0, 2.0)
+    prefilled = engine.state()["requests"]
+    gone = engine.start(MSG, 400, 0.7, 1.0, 1, None, cancel=cancel).result()  # cancelled while queued
+    assert (gone.finish_reason, gone.completion_tokens) == ("cancelled", 0)
+    assert engine.state()["requests"] == prefilled  # never prefilled
 
 
 def _wait(cond, timeout: float) -> None:  # noqa: ANN001
