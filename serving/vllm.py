@@ -82,10 +82,14 @@ class VllmBackend:
         if on_delta is not None and text:
             on_delta(text)
         usage = out.get("usage") or {}
+        logprob = float(sum(t["logprob"] for t in content))
+        if not logprob <= 0.0:  # a sum of log-probabilities; NaN fails this too
+            self.stats["errors"] += 1
+            raise RuntimeError(f"vLLM answered a summed log-probability of {logprob} (> 0 or NaN): its logprobs "
+                               f"are not log-probabilities; check the server's --logprobs-mode")
         return GenResult(text=text, token_ids=[], finish_reason="length" if choice.get("finish_reason") == "length"
                          else "stop", prompt_tokens=int(usage.get("prompt_tokens", 0)),
-                         completion_tokens=int(usage.get("completion_tokens", len(content))),
-                         logprob=min(0.0, float(sum(t["logprob"] for t in content))))
+                         completion_tokens=int(usage.get("completion_tokens", len(content))), logprob=logprob)
 
     def state(self) -> dict:
         return {"backend": "vllm", "url": self.url, "model": self.model, "adapters": sorted(self.adapters),

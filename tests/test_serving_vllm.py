@@ -125,3 +125,28 @@ def test_vllm_backend_promotion_flow(stack, tiny_model, vllm_url, tmp_path):
     ev = [e for e in events if e["event_id"] == r["response_id"]][0]
     assert ev["completion_logprob"] == pytest.approx(-1.5) and ev["adapter_version"] == v2.label
     assert json.loads(json.dumps(ev))["base_model"] == "tiny"
+
+
+@pytest.mark.parametrize("token_logprob", [0.25, float("nan")])
+def test_vllm_logprob_that_is_no_log_probability_raises(token_logprob):
+    """A summed completion log-prob > 0 (or NaN) from vLLM is an error, not clamped to 0 into the event;
+    the sum of the returned token log-probs goes through unchanged otherwise."""
+    from serving.vllm import VllmBackend
+
+    def chat(value: float) -> httpx.Response:
+        tokens = ["a", "b"]
+        body = {"choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "ab"},
+                             "logprobs": {"content": [{"token": t, "logprob": value} for t in tokens]}}],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 2}}
+        return httpx.Response(200, content=json.dumps(body), headers={"content-type": "application/json"})  # NaN too
+
+    backend = VllmBackend("http://vllm.invalid", "tiny")
+    try:
+        backend._http = httpx.Client(transport=httpx.MockTransport(lambda req: chat(-0.75)))
+        assert backend.start([{"role": "user", "content": "hi"}], 4, 0.0, 1.0, None, None).result(10).logprob == -1.5
+        backend._http = httpx.Client(transport=httpx.MockTransport(lambda req: chat(token_logprob)))
+        with pytest.raises(RuntimeError, match="summed log-probability"):
+            backend.start([{"role": "user", "content": "hi"}], 4, 0.0, 1.0, None, None).result(10)
+        assert backend.stats["errors"] == 1
+    finally:
+        backend.close()
