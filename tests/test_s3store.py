@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from moto.moto_server import werkzeug_app as moto_app
 
 from infra import s3store
 
-moto_app = pytest.importorskip("moto.moto_server.werkzeug_app")
 BUCKET = "tansu"
 KEYS = ["meta.json", "topics/t/0/watermark.json", "topics/t/0/00000000000000000000.batch", "a b/c%2Fd+e"]
 
