@@ -230,16 +230,37 @@ def _run_job(version: str, out: Path, *overrides: str) -> dict:
 
 
 def test_dpo_job_trains_registers_and_continues_from_champion(dpo_dataset: str, tiny_model: str,
-                                                              tmp_path: Path) -> None:
-    base = load_file(str(Path(tiny_model) / "model.safetensors"))
+                                                              tmp_path: Path, monkeypatch) -> None:
+    from training import dpo
+
+    held: dict[str, dict[str, torch.Tensor]] = {}
+
+    class Recording(dpo.WeightedDPOTrainer):
+        """The job's own trainer, recording every parameter it holds around train()."""
+
+        def train(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            held["before"] = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+            out = super().train(*args, **kwargs)
+            held["after"] = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+            return out
+
+    monkeypatch.setattr(dpo, "WeightedDPOTrainer", Recording)
     result = _run_job(dpo_dataset, tmp_path / "first", "precision=fp32")
+    monkeypatch.undo()
     adapter = Path(result["adapter_dir"])
     m = result["metrics"]
 
-    # LoRA weights moved (B starts at zero), base weights on disk did not, and the sidecar is complete.
+    # In the trainer's memory: every LoRA tensor moved (B starts at zero), every frozen base tensor did not.
+    before, after = held["before"], held["after"]
+    lora_names = [n for n in before if "lora_" in n]
+    base_names = [n for n in before if "lora_" not in n]
+    assert lora_names and len(base_names) > 10
+    assert all(not torch.equal(before[n], after[n]) for n in lora_names)
+    assert all(torch.equal(before[n], after[n]) for n in base_names)
+    # What was saved is what was trained; the sidecar is complete.
     lora = load_file(str(adapter / "adapter_model.safetensors"))
-    assert any("lora_B" in k and v.abs().max() > 0 for k, v in lora.items())
-    assert all(torch.equal(v, load_file(str(Path(tiny_model) / "model.safetensors"))[k]) for k, v in base.items())
+    trained = {n.replace(".default.", "."): t for n, t in after.items() if "lora_" in n}
+    assert lora.keys() == trained.keys() and all(torch.equal(lora[k], trained[k]) for k in lora)
     sidecar = json.loads((adapter / registry.SIDECAR).read_text())
     assert sidecar["base_model"] == "tiny" and sidecar["dataset_version"] == dpo_dataset
     assert sidecar["trainer"] == "dpo" and len(sidecar["config_hash"]) == 64
