@@ -128,6 +128,41 @@ class IncrementalText:
         return now[len(before):]
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet (printable stand-ins for the 256 bytes), character -> byte."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), 256)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+class TokenBytes:
+    """A token's own bytes (OpenAI's `logprobs.content[].bytes`): for byte-level BPE a token may hold
+    part of a UTF-8 character, which its decoded text can only show as U+FFFD; the bytes of the
+    tokens of an answer add up to the answer's UTF-8."""
+
+    def __init__(self, tokenizer: Any):  # noqa: ANN401 - any Hugging Face tokenizer
+        from tokenizers import decoders
+
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self.tokenizer = tokenizer
+        self.byte_level = backend is not None and isinstance(backend.decoder, decoders.ByteLevel)
+        self.alphabet = _byte_level_alphabet()
+        self.added = set(tokenizer.get_added_vocab().values())
+
+    def __call__(self, token: int) -> bytes:
+        if self.byte_level and token not in self.added:
+            piece = self.tokenizer.convert_ids_to_tokens(token)
+            if all(c in self.alphabet for c in piece):
+                return bytes(self.alphabet[c] for c in piece)
+        return self.tokenizer.decode([token], skip_special_tokens=False).encode("utf-8")
+
+
 def find_stop(text: str, stops: tuple[str, ...], start: int) -> int:
     """Index of the earliest stop sequence in text that ends after `start`, or -1."""
     hits = [i for s in stops if (i := text.find(s, max(0, start - len(s) + 1))) >= 0]
@@ -235,6 +270,7 @@ class Engine:
         eos = eos if eos is not None else self.tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
         self.pad_id = self.tokenizer.pad_token_id
+        self.token_bytes = TokenBytes(self.tokenizer)
         self.context_len = int(getattr(self.model.config, "max_position_embeddings", 2048))
         self.max_batch = max_batch
         self.continuous = continuous  # queued requests join a running batch between decode steps
@@ -537,7 +573,7 @@ class Engine:
 
         def item(t: int, lp: float) -> dict:
             text = self.tokenizer.decode([t], skip_special_tokens=False)
-            return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+            return {"token": text, "logprob": lp, "bytes": list(self.token_bytes(t))}
 
         top = []
         if k:

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from ingest.config import load_config
 from ingest.events import parse_event
-from serving.engine import IncrementalText, find_stop, stop_holdback
+from serving.engine import IncrementalText, TokenBytes, find_stop, stop_holdback
 from serving.serve import BackgroundServer, Config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -144,6 +144,19 @@ def test_incremental_text_adds_up_to_the_full_decode(tokenizers, data) -> None:
         assert text == tok.decode(ids, skip_special_tokens=True)
 
 
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_token_bytes_add_up_to_the_answer(tokenizers, data) -> None:
+    """logprobs' `bytes`: a token's own bytes (part of a UTF-8 character where byte-level BPE splits
+    one), so an answer's token bytes, decoded, are its text (U+FFFD where the ids themselves break
+    UTF-8, as tokenizer.decode does), for random ids and for the ids of random (non-ASCII) text."""
+    for tok in tokenizers:
+        tb = TokenBytes(tok)
+        ids = [i for i in data.draw(st.lists(st.integers(0, len(tok) - 1), max_size=30)) if i not in tb.added]
+        ids += tok(data.draw(st.text(max_size=12)), add_special_tokens=False)["input_ids"]
+        assert b"".join(tb(i) for i in ids).decode("utf-8", errors="replace") == tok.decode(ids)
+
+
 def test_incremental_text_is_linear(tokenizers) -> None:
     """Tokens decoded per step stay bounded however long the answer: 2,000 tokens cost at most 6 per
     token (re-decoding the whole answer each step would cost ~1,000 per token)."""
@@ -169,9 +182,9 @@ def test_logprobs_in_openai_shape_streamed_and_not(srv) -> None:
     r = c.chat.completions.create(**kw)
     content = r.choices[0].logprobs.content
     assert len(content) == r.usage.completion_tokens > 0
-    assert "".join(e.token for e in content) == r.choices[0].message.content
+    assert b"".join(bytes(e.bytes) for e in content).decode() == r.choices[0].message.content
     for e in content:
-        assert e.bytes == list(e.token.encode()) and e.logprob <= 0
+        assert e.logprob <= 0 and (e.bytes == list(e.token.encode()) or "\ufffd" in e.token)
         assert len(e.top_logprobs) == 3 and e.top_logprobs[0].logprob == pytest.approx(e.logprob)
         assert [t.logprob for t in e.top_logprobs] == sorted((t.logprob for t in e.top_logprobs), reverse=True)
     streamed = [e for ch in c.chat.completions.create(**kw, stream=True)
