@@ -189,6 +189,7 @@ class _Row:
     entries: list[dict] = field(default_factory=list)  # log-prob entries (when asked for)
     entries_sent: int = 0  # entries already handed to on_delta
     counts: torch.Tensor | None = None  # per-token occurrence counts (penalties only)
+    bias: tuple[torch.Tensor, torch.Tensor] | None = None  # logit_bias as (token ids, values)
 
 
 @dataclass
@@ -563,9 +564,12 @@ class Engine:
                 for t in row.tokens:
                     row.counts[t] += 1
             out -= r.frequency_penalty * row.counts + r.presence_penalty * (row.counts > 0).to(out.dtype)
-        for t, bias in r.logit_bias.items():
-            if t < out.numel():
-                out[t] += bias
+        if r.logit_bias:
+            if row.bias is None:  # once per row: up to 1,024 entries, added in one indexed step
+                items = [(t, b) for t, b in r.logit_bias.items() if t < out.numel()]
+                row.bias = (torch.tensor([t for t, _ in items], dtype=torch.long, device=out.device),
+                            torch.tensor([b for _, b in items], dtype=out.dtype, device=out.device))
+            out.index_add_(0, *row.bias)
         return out
 
     def _entry(self, logp: torch.Tensor, tok: int, k: int) -> dict:
