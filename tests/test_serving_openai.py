@@ -410,3 +410,22 @@ def test_non_streaming_client_that_gives_up_cancels_its_row(srv, events) -> None
         httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=httpx.Timeout(5.0, read=0.02))
     _wait(lambda: engine.state()["cancelled"] == before + 1, 5.0)
     assert [e for e in events if e["type"] == "response"] == []
+
+
+@pytest.mark.parametrize(("body", "param"), [
+    ({"stop": "x"}, "stop"), ({"logprobs": True, "top_logprobs": 2}, "top_logprobs"),
+    ({"presence_penalty": 0.5}, "presence_penalty"), ({"logit_bias": {"3": 1}}, "logit_bias"),
+])
+def test_a_backend_without_an_option_refuses_it_by_name(srv, body: dict, param: str) -> None:
+    """The vLLM backend does not forward these options: the request is refused naming the field,
+    never answered as if the option had been applied."""
+    from types import SimpleNamespace
+
+    from serving.app import ApiError, ChatIn, Service
+
+    vllm_like = SimpleNamespace(cfg=srv.service.cfg, backend=SimpleNamespace(state=lambda: {"backend": "vllm"}))
+    req = ChatIn.model_validate({"messages": MSG, **body})
+    assert Service.check_openai_fields(srv.service, req)  # the engine honours it
+    with pytest.raises(ApiError) as e:
+        Service.check_openai_fields(vllm_like, req)
+    assert (e.value.status, e.value.param) == (400, param)
