@@ -102,9 +102,9 @@ def test_cpu_completion_logps_match_trl_fused_head(tiny_model: str) -> None:
     gives TRL's fused-head sums, value and gradient, on a LoRA model with padded, masked rows."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
-    from trl.trainer.utils import add_fused_lm_head
 
     from training.dpo import completion_logps
+    from training.trl_seam import add_fused_lm_head
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model)

@@ -24,7 +24,7 @@ import torch
 
 from ingest import endpoints
 from ingest.config import parse_config
-from training import common, registry
+from training import common, registry, trl_seam
 from training.dpo import LoraSettings
 
 
@@ -165,7 +165,7 @@ def main(cfg: Config) -> dict[str, Any]:
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         final = {"train_loss": sum(losses) / max(len(losses), 1), "train_seconds": train_s,
                  "train_steps": float(trainer.state.global_step), "peak_memory_mb": common.peak_memory_mb(hw.device),
-                 "tokens_per_s": trainer._total_train_tokens / max(train_s, 1e-9),
+                 "tokens_per_s": trl_seam.train_tokens(trainer) / max(train_s, 1e-9),
                  "desirable_weight": d_weight, "undesirable_weight": u_weight,
                  **{"heldout_" + k.removeprefix("eval_").replace("/", "_"): float(v) for k, v in after.items()
                     if k.startswith(("eval_loss", "eval_rewards/", "eval_kl", "eval_logps/"))}}

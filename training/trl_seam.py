@@ -13,12 +13,12 @@ What is private here, and why we use it:
   `remove_unused_columns`. TRL keeps only its own, so the pair `weight` column would be dropped
   before our collator sees it (`KeepColumns`).
 - `DPOTrainer._metrics[mode][name]`: lists TRL averages into each log line (`record_metric`).
-- `DPOTrainer._total_train_tokens`: the running count TRL logs as `num_tokens`
-  (`count_train_tokens`, `train_tokens`).
+- `DPOTrainer._total_train_tokens` (KTOTrainer has the same): the running count TRL logs as
+  `num_tokens` (`count_train_tokens`, `train_tokens`).
 - `trl.kernels.ChunkedLogProbFunction.apply`: TRL's chunked LM-head log-prob kernel, nine
   positional arguments, no keywords (autograd.Function) (`chunked_logprobs`).
 - the `fused_lm_head=True` forward kwarg and its `.log_probs` output, added to the model by
-  `DPOTrainer` (trl.trainer.utils.add_fused_lm_head) (`fused_head_logps`).
+  `DPOTrainer` (trl.trainer.utils.add_fused_lm_head) (`fused_head_logps`, `add_fused_lm_head`).
 - `DataCollatorForPreference` (re-exported here): TRL's pair collator, importable only from
   trl.trainer.dpo_trainer.
 - `use_adapter`, `is_peft_model`, `disable_gradient_checkpointing` from trl.trainer.dpo_trainer:
@@ -108,6 +108,13 @@ def fused_head_logps(model: torch.nn.Module, model_kwargs: dict[str, Any],
     """
     outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
     return outputs.log_probs[:, -(labels.size(1) - 1):].sum(dim=1), outputs
+
+
+def add_fused_lm_head(model: torch.nn.Module) -> None:
+    """Patch `model` the way DPOTrainer does, so `fused_lm_head=True` works outside a trainer (tests)."""
+    from trl.trainer.utils import add_fused_lm_head as patch
+
+    patch(model)
 
 
 def reference_context(trainer: Any) -> contextlib.AbstractContextManager:
