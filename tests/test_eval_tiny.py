@@ -88,6 +88,10 @@ def write_eval_split(var: Path) -> None:
     folder = var / "datasets" / "dpo" / f"version={DATASET}" / "split=eval"
     folder.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows), folder / "part-0.parquet")
+    # A version is what has a manifest (evaluate.dataset_rows refuses one without): this one holds eval pairs only.
+    counts = {kind: {"train": 0, "eval": len(rows) if kind == "dpo" else 0} for kind in ("dpo", "kto", "sft")}
+    (var / "datasets" / "manifests").mkdir(parents=True, exist_ok=True)
+    (var / "datasets" / "manifests" / f"{DATASET}.json").write_text(json.dumps({"version": DATASET, "counts": counts}))
 
 
 @pytest.fixture(scope="module")
