@@ -176,7 +176,7 @@ class WeightedDPOTrainer(trl_seam.KeepColumns, DPOTrainer):
             logps, _ = completion_logps(model, model_kwargs, labels)
         return logps.chunk(2, dim=0)
 
-    def _compute_loss(self, model, inputs, return_outputs):  # noqa: ANN001
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
         mode = "train" if self.model.training else "eval"
         weights = inputs["weight"]
         inputs = _without_weight(inputs)

@@ -2,12 +2,13 @@
 
 Written against trl 1.16.0 (`WRITTEN_AGAINST`). TRL changes these without notice between minor
 releases, so nothing else in the repo touches a TRL name that starts with an underscore or lives
-outside TRL's public `__init__`; training/dpo.py goes through the functions below. After a TRL
+outside TRL's public `__init__`; training/dpo.py and kto.py go through the functions below. After a TRL
 upgrade, re-read each function against the new `trl/trainer/dpo_trainer.py` and
 `trl/kernels/chunked_logprob.py`, then run tests/test_trl_seam.py: it checks that the weighted DPO
 trainer with all weights 1 gives stock `DPOTrainer`'s loss, gradients and metrics on one batch, and
 fails on purpose when the installed version is not the one this file was written against.
 
+The weighted trainer overrides only public DPOTrainer hooks (`compute_loss`, `compute_ref_log_probs`).
 What is private here, and why we use it:
 - `Trainer._set_signature_columns_if_needed` / `_signature_columns`: the columns that survive
   `remove_unused_columns`. TRL keeps only its own, so the pair `weight` column would be dropped
