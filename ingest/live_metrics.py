@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 from ingest import landing
@@ -72,12 +72,12 @@ class VersionStats:
                 **{f"{g}_rate": self.rate(g) for g in GUARDRAILS}}
 
 
-def parse_time(value: str) -> datetime | None:
-    """An ISO 8601 time as an aware UTC datetime (naive times are UTC); "" -> None."""
-    if not value:
-        return None
-    t = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    return (t if t.tzinfo else t.replace(tzinfo=UTC)).astimezone(UTC)
+def parse_time(value: str, what: str = "time") -> datetime | None:
+    """An ISO 8601 time as an aware UTC datetime, as the dataset builder reads its window; "" -> None
+    (an open end)."""
+    from ingest.build_dataset import parse_time as builder_parse_time
+
+    return builder_parse_time(value, what) if value else None
 
 
 def version_stats(start: datetime | None = None, end: datetime | None = None,
@@ -136,7 +136,7 @@ def log_to_mlflow(stats: list[VersionStats], cfg: Config) -> str:
 
 def main(cfg: Config) -> dict:
     root = Path(cfg.landing_dir) if cfg.landing_dir else None
-    stats = version_stats(parse_time(cfg.start), parse_time(cfg.end), root)
+    stats = version_stats(parse_time(cfg.start, "start"), parse_time(cfg.end, "end"), root)
     for s in stats:
         print(f"{s.adapter_version:>28} {s.arm:<10} answers {s.answers:5d}  rated {s.rated:5d}  "
               f"thumbs-up {s.thumbs_up_rate:6.1%}  regenerate {s.rate('regenerate'):5.1%}  "

@@ -108,6 +108,12 @@ def test_better_challenger_is_promoted_and_rerun_is_a_no_op(model):
     land_arm(name, model["challenger"], "challenger", 400, 0.75, seed=2)
     out = rollout(name)
     assert out["action"] == "promote", out
+    # The look is in the canary's MLflow run: both arms' rates at step = rated answers, and the plot.
+    c = registry.client()
+    (look,) = c.get_metric_history(out["run_id"], "challenger.thumbs_up_rate")
+    assert look.step == 800 and abs(look.value - out["arms"]["challenger"]["thumbs_up_rate"]) < 1e-9
+    assert "rollout.png" in [a.path for a in c.list_artifacts(out["run_id"])]
+    assert c.get_run(out["run_id"]).data.tags["rollout.last_action"] == "promote"
     assert registry.aliases(name)["champion"] == model["challenger"]
     assert registry.aliases(name)["previous"] == model["champion"]
     assert registry.canary(name) is None and "challenger" not in registry.aliases(name)

@@ -105,7 +105,8 @@ def log_progress(live: registry.Canary, cfg: Config, control: live_metrics.Versi
     looks = _history(c, run_id)
     folder = endpoints.var_dir() / "rollout" / run_id
     folder.mkdir(parents=True, exist_ok=True)
-    plot_looks(looks, folder / "rollout.png", f"canary {challenger.adapter_version} vs {control.adapter_version}")
+    plot_looks(looks, folder / "rollout.png", f"canary {challenger.adapter_version} vs {control.adapter_version}",
+               cfg.policy)
     c.log_artifact(run_id, str(folder / "rollout.png"))
     c.set_tag(run_id, "rollout.last_action", decision.action)
     c.set_tag(run_id, "rollout.last_reason", decision.reason[:4900])
@@ -117,14 +118,12 @@ def _history(c, run_id: str) -> dict[str, list[tuple[int, float]]]:  # noqa: ANN
     return {k: sorted((m.step, m.value) for m in c.get_metric_history(run_id, k)) for k in keys}
 
 
-def plot_looks(looks: dict[str, list[tuple[int, float]]], path: Path, title: str) -> None:
-    """Each arm's thumbs-up rate at every look, with its 95% Wilson interval, against rated answers."""
+def plot_looks(looks: dict[str, list[tuple[int, float]]], path: Path, title: str, policy: sequential.Policy) -> None:
+    """Each arm's thumbs-up rate at every look, with the same anytime-valid interval the decision uses."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from training.evaluate import wilson_interval
 
     fig, ax = plt.subplots(figsize=(8, 3.8))
     for arm, colour in (("champion", "#555"), ("challenger", "#d62728")):
@@ -133,7 +132,8 @@ def plot_looks(looks: dict[str, list[tuple[int, float]]], path: Path, title: str
         if not steps:
             continue
         r = [rates[s] for s in steps]
-        ci = [wilson_interval(rates[s] * counts[s], int(counts[s])) for s in steps]
+        ci = [sequential.rate_interval(round(rates[s] * counts[s]), int(counts[s]), policy.alpha, policy.mixture_sd,
+                                       policy.method) for s in steps]
         ax.plot(steps, r, marker="o", color=colour, label=f"{arm} thumbs-up rate")
         ax.fill_between(steps, [c[0] for c in ci], [c[1] for c in ci], color=colour, alpha=0.15)
     ax.set_xlabel("rated answers so far (both arms)")
