@@ -61,13 +61,13 @@ class Config:
     # The judge is the reward model preference_retrain trains on this cycle's feedback; nothing here
     # names the simulated users' preference.
     eval_overrides: str = ""
-    # SmolLM2 runs past 80 new tokens in ~93% of answers (160: ~92%; STACK-NOTES); dropping
-    # cut-off answers would leave almost nothing, and DPO still learns the preference from them
-    # because chosen and rejected are cut alike (STACK-NOTES: the same setting gave +27 to +36 points).
+    # SmolLM2 runs past 80 new tokens in most answers (docs/performance.md); dropping cut-off
+    # answers would leave almost nothing, and DPO still learns the preference from them because
+    # chosen and rejected are cut alike.
     dataset_overrides: str = "drop_truncated=false"
     serving_config: str = "serving/configs/serve.yaml"
     # Traffic and measurement run side by side (8 + 8 concurrent users); batches of 16 decode faster per
-    # token than 8 on CPU (STACK-NOTES: bf16 206 tok/s at 8, 328 at 32).
+    # token than 8 on CPU (docs/performance.md).
     serving_overrides: list[str] = field(default_factory=lambda: ["batching.max_batch=16"])
     n_users: int = 30
     traffic_answers_per_prompt: int = 3

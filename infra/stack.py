@@ -12,14 +12,11 @@ Components, all bound to 127.0.0.1, all state under `var/` (FLYWHEEL_VAR):
 Why moto, and why a journal: tansu keeps its offsets and watermarks with S3 conditional writes
 (If-None-Match / If-Match), and this tansu build has no other durable engine (only memory:// and
 s3://). moto honours conditional writes but keeps objects in memory. s3rver (npm) keeps them on disk
-but ignores the conditions: after a broker restart tansu starts the partition at offset 0 again
-(measured: 20 records, restart, 5 more were acknowledged at offsets 0-4 and a read from the start
-returned none). So s3store journals every successful mutation to disk -- fsynced -- before answering
-it: whatever the broker acknowledged survives `down`/`up`, `restart s3`, a SIGKILL of every process
-and a power cut, and the store replays the journal on start (45k events, 24 MB: 0.7 s). Measured
-on 2 cores, 45.6k events: landing 9.8-10.5k events/s vs 10.5-11.2k on plain moto (noise: the
-consumer is the bottleneck); produce with acks=all 8.4-8.8k/s vs 9.0-10.7k/s (the fsync per write).
-Landed Parquet under var/landing is durable on its own.
+but ignores the conditions: after a broker restart tansu starts the partition at offset 0 again and
+acknowledges new records over the old ones. So s3store journals every successful mutation to disk --
+fsynced -- before answering it: whatever the broker acknowledged survives `down`/`up`, `restart s3`,
+a SIGKILL of every process and a power cut, and the store replays the journal on start. Its cost is
+in docs/performance.md. Landed Parquet under var/landing is durable on its own.
 
 Each process gets a pid file (var/run/NAME.pid) and a log (var/log/NAME.log), runs in its own
 session, and is stopped by that PID's process group — never by name. Ports come from
@@ -305,7 +302,7 @@ def _mlflow() -> Component:
                          "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
                          "--artifacts-destination", str(root / "artifacts"),
                          "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        # Job execution off: starts in ~6 s with ~550 MB instead of ~12 s and ~2.3 GB (STACK-NOTES).
+        # Job execution off: starts in half the time with a quarter of the memory (docs/performance.md).
         env=lambda: {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"},
         healthy=lambda: http_ok(f"http://127.0.0.1:{port}/health"),
         endpoint=f"http://127.0.0.1:{port}",

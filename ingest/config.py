@@ -4,7 +4,7 @@ Every job (`python -m ingest.consume`, `python -m training.dpo`, ...) declares o
 `parse_config(MyConfig, argv)`. Unknown keys are an error, not ignored, so a renamed field cannot
 silently fall back to its default. Nested dataclasses are addressed with dots (`lora.r=16`).
 
-This lives in `ingest/` because ingest is the lowest layer of the import graph (DESIGN.md): every
+This lives in `ingest/` because ingest is the lowest layer of the import graph (docs/architecture.md): every
 other package may import it, and it imports none of them.
 """
 

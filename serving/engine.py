@@ -259,7 +259,7 @@ class Engine:
         self.precision = precision.announce(precision.decide(dtype, str(self.device)), log)
         self.dtype = self.precision.torch_dtype
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.tokenizer.padding_side = "left"  # batched decoding needs left padding (STACK-NOTES)
+        self.tokenizer.padding_side = "left"  # batched decoding needs left padding
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype).to(self.device).eval()

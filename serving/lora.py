@@ -111,7 +111,7 @@ class MultiLoraLinear(nn.Module):
 
     def merge(self, slot: int) -> None:
         """Precompute W + scale * B @ A for `slot`, in fp32 and then cast: merging in bf16 rounds
-        small adapter deltas away (STACK-NOTES)."""
+        small adapter deltas away (docs/performance.md)."""
         w = self.base.weight.float() + float(self.scale[slot]) * (self.B[slot].float() @ self.A[slot].float())
         self.merged = {slot: w.to(self.base.weight.dtype)}
 

@@ -1,7 +1,7 @@
 """Blocks the training jobs share: device/precision, datasets, the start adapter, MLflow tracking, sidecars.
 
-Kept as plain functions (no trainer base class, STYLE.md 5): dpo.py, kto.py, reward_model.py and ppo.py
-each read top to bottom and call these where they do the same thing.
+Plain functions, no trainer base class, so that each job stays readable on its own: dpo.py, kto.py,
+reward_model.py and ppo.py each read top to bottom and call these where they do the same thing.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""DPO on a LoRA adapter: dataset version in, registered `challenger` adapter out.
+"""DPO on a LoRA adapter: dataset version in, registered `candidate` adapter out (the gate decides on it).
 
     python -m training.dpo --config training/configs/dpo.yaml dataset_version=<V> [key=value ...]
     accelerate launch -m training.dpo --config training/configs/dpo.smollm2.yaml dataset_version=<V>
@@ -230,7 +230,7 @@ def _load_policy(cfg: Config, hw: common.Hardware, start: common.StartPoint):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     # Weights load fp32 and the Trainer autocasts to bf16/fp16: the LoRA update is then accumulated in
-    # fp32 (small deltas would round away in bf16, STACK-NOTES). Once PEFT has frozen the base, its
+    # fp32 (small deltas would round away in bf16; docs/performance.md). Once PEFT has frozen the base, its
     # Linear weights are stored in bf16 (common.prepare_for_autocast: same numbers, no per-step casts).
     model = AutoModelForCausalLM.from_pretrained(path, **common.policy_load_kwargs(hw))
     if start.adapter_dir is not None:

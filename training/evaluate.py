@@ -211,8 +211,8 @@ def winrate_prompts(cfg: Config, dataset_version: str | None) -> tuple[list[Mess
 
     auto: the dataset's eval-split prompts (the users' own distribution), topped up from
     eval_data/heldout.jsonl to n_winrate when the split has fewer: a 10% split of a small window can
-    hold a dozen prompts, and a bootstrap CI over 11 prompts spans ~0.4 (demo run: 0.36-0.77), too
-    wide for the gate to tell a real improvement from none.
+    hold a dozen prompts, and a bootstrap CI over a dozen prompts spans ~0.4 of win rate, too wide
+    for the gate to tell a real improvement from none.
     """
     chosen: list[Messages] = []
     label = ""

@@ -2,7 +2,7 @@
 
     python -m training.kto --config training/configs/kto.yaml dataset_version=<V> [key=value ...]
 
-Same shape as training/dpo.py (copied, not abstracted, STYLE.md 5): starts from the champion adapter
+Same shape as training/dpo.py (kept parallel rather than abstracted): starts from the champion adapter
 when there is one (it is then the reference) or from the base; TRL's KTOTrainer with precomputed
 reference log-probs; checkpoints in <output_dir>/checkpoints with resume; MLflow run, sidecar,
 registration as `challenger`; the last stdout line is the result JSON. The desirable / undesirable

@@ -2,7 +2,7 @@
 
     python -m training.ppo --config training/configs/ppo.yaml dataset_version=<V> [key=value ...]
 
-One frozen base model serves three roles (DESIGN.md): the policy is base + LoRA adapter, the
+One frozen base model serves three roles: the policy is base + LoRA adapter, the
 reference is the same base with the adapter disabled, and the value head is a linear layer on the
 policy's last hidden state. Each iteration: sample answers to a batch of prompts, score them with the
 reward model, shape per-token rewards (score - beta * KL to the reference, beta adapted to a KL

@@ -11,7 +11,7 @@ the artifact `adapter/` of its training run and registered as a version of the r
               served to the share of users in the registered model's `canary.share` tag
   previous    the champion before the last promotion (rollback target)
 
-Serving imports this module (DESIGN.md allows it: it needs only mlflow, no training code).
+Serving imports this module (docs/architecture.md allows it: it needs only mlflow, no training code).
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def register_adapter(adapter_dir: str | Path, run_id: str, name: str = DEFAULT_M
     """Log `adapter_dir` as artifact `adapter/` of `run_id` and register it as a new version.
 
     mlflow.register_model needs a logged model, so the version is created from the artifact folder
-    directly (STACK-NOTES: create_model_version with the run's artifact URI works).
+    directly: create_model_version with the run's artifact URI.
     """
     c = client()
     c.log_artifacts(run_id, str(adapter_dir), artifact_path=artifact_path)

@@ -2,7 +2,7 @@
 
 Both read the same N records (valid events of the contract) from the real tansu broker, each with its
 own consumer group; time runs from the first record received to the last one handled (the group join
-is excluded: it is a broker quirk, STACK-NOTES). Two rounds, bare and landing alternating so that both
+is excluded: tansu delays it by half the session timeout, docs/performance.md). Two rounds, bare and landing alternating so that both
 see the same machine; the best round of each is compared. Target: landing >= 0.7x the bare loop.
 Writes var/bench/ingest_landing.json.   Run: make bench (or pytest -s tests/benchmarks/bench_ingest_landing.py)
 """

@@ -12,7 +12,7 @@ closed-loop clients (each sends its next request when its answer arrives), at co
             training.precision) on var/models/SmolLM2-135M-Instruct, which infra/models.py dequantised
             from that same GGUF: the same weights, llama.cpp runs them in Q4_1, Flywheel in bf16/fp32.
             Flywheel's API has no ignore_eos, so max_tokens is 64: SmolLM2 runs past 64 tokens in ~95% of
-            its answers (STACK-NOTES), and tokens/s counts the tokens each side actually generated
+            its answers (docs/performance.md), and tokens/s counts the tokens each side actually generated
             (usage.completion_tokens). The share of answers cut at max_tokens is recorded for both.
 
 Reported (var/bench/serving_peers.json, with the machine record): tokens/s and mean latency per
