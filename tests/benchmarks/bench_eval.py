@@ -3,7 +3,8 @@
 Baseline (same run, same prompts, same seeds): the suite with unbatched generation (batch_size=1),
 i.e. what a naive loop over prompts would cost. Ratio = baseline seconds / batched seconds. The
 candidate is a LoRA adapter with random (non-zero) weights: generation cost does not depend on
-what the adapter learned. Results go to var/bench/eval.json.
+what the adapter learned. Results go to var/bench/eval.json. A report: it has no target, and fails
+only if batching is slower than half the naive loop.
 
 Threads: FLYWHEEL_BENCH_THREADS (default 1). On the shared 2-core dev machine the cores are
 oversubscribed, and 2 spinning OpenMP threads were ~10x slower than 1 on the tiny model; set 2 on

@@ -22,7 +22,7 @@ import pytest
 from ingest import pii, synthetic
 from ingest.build_dataset import Config, build, flag_poisoners, spark_session, user_cap
 from ingest.pairing import Answer, PairingConfig, rows_for_prompt
-from tests.benchmarks._machine import save
+from tests.benchmarks._machine import Target, save
 
 SIZES = [int(x) for x in os.environ.get("BENCH_BUILD_EVENTS", "1000000,4000000").split(",")]
 EVENTS_PER_CONV = 2.45  # measured mean of synthetic.generate
@@ -154,18 +154,17 @@ def test_bench_build_spark_vs_polars(tmp_path):
                 entry["spark_over_polars"] = round(spark_s / entry["polars_s"], 2)
             results["sizes"][str(size)] = entry
             print(f"\nBENCH ingest_build {size}: {json.dumps(entry)}", flush=True)
-            _save(results)  # after each size: a long run cut short still leaves its figures
+            save("ingest_build.json", results, dtype=None)  # after each size: a run cut short keeps its figures
     finally:
         spark.stop()
     if len(SIZES) > 1:
         a, b = results["sizes"][str(SIZES[0])], results["sizes"][str(SIZES[-1])]
         results["scaling"] = {"events_ratio": round(b["events"] / a["events"], 2),
                               "time_ratio": round(b["spark_s"] / a["spark_s"], 2)}
-    results["targets"] = {"spark_over_polars_max": 3.0, "scaling": "time_ratio ~ events_ratio"}
     print("\nBENCH ingest_build", json.dumps(results), flush=True)
-    _save(results)
-
-
-def _save(results: dict) -> None:
-    # No tensors here (dtype None); the machine record still says which CPU and how many cores.
-    save("ingest_build.json", results, dtype=None)
+    first = results["sizes"][str(SIZES[0])]
+    targets = [Target("spark_over_polars", first["spark_over_polars"], "<=", 3.0)]
+    if "scaling" in results:  # near-linear: the time may grow at most 1.25x as fast as the events
+        sc = results["scaling"]
+        targets.append(Target("time_ratio_over_events_ratio", round(sc["time_ratio"] / sc["events_ratio"], 2), "<=", 1.25))
+    save("ingest_build.json", results, dtype=None, targets=targets)  # no tensors: dtype None

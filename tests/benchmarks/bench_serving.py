@@ -39,16 +39,20 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.benchmarks._machine import BENCH_DIR, Target
 from tests.benchmarks._machine import save as save_json
 
 REPO = Path(__file__).resolve().parents[2]
 THREADS = int(os.environ.get("FLYWHEEL_BENCH_THREADS", "1"))
 
 
-def save(name: str, data: dict, dtype: str | None, threads: int = THREADS) -> None:
-    """var/bench/serving_<name>.json with the machine record; `dtype` is what the measured engine ran in."""
-    path = save_json(f"serving_{name}.json", data, dtype=dtype, threads=threads)
-    print(f"\n[serving/{name}] " + path.read_text())
+def save(name: str, data: dict, dtype: str | None, threads: int = THREADS, targets: list[Target] | None = None) -> None:
+    """var/bench/serving_<name>.json with the machine record; `dtype` is what the measured engine ran in.
+    Prints it, then fails if a target was missed."""
+    try:
+        save_json(f"serving_{name}.json", data, dtype=dtype, threads=threads, targets=targets)
+    finally:
+        print(f"\n[serving/{name}] " + (BENCH_DIR / f"serving_{name}.json").read_text())
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -138,8 +142,9 @@ def test_feedback_latency(server_process):
         "healthz_p50_ms": round(statistics.median(hz), 3), "healthz_p99_ms": round(pct(hz, 99), 3),
         "feedback_rps_8_clients": round(rps_fb, 1), "healthz_rps_8_clients": round(rps_hz, 1),
         "ratio_p50_feedback_vs_healthz": round(statistics.median(fb) / statistics.median(hz), 2),
-        "producer": {k: state[k] for k in ("mode", "sent", "spooled", "published")}, "target_p99_ms": 5.0},
-        dtype=server["precision"]["dtype"], threads=server["precision"]["threads"])
+        "producer": {k: state[k] for k in ("mode", "sent", "spooled", "published")}},
+        dtype=server["precision"]["dtype"], threads=server["precision"]["threads"],
+        targets=[Target("feedback_p99_ms", round(pct(fb, 99), 3), "<=", 5.0)])
     assert state["mode"] == "direct" and state["spooled"] == 0
 
 
@@ -200,7 +205,8 @@ def test_batching_speedup(smollm2_engine):
     ratio = c8["tokens_per_s"] / base1["tokens_per_s"]
     save("batching", {"model": "smollm2", "baseline_concurrency_1": base1, "concurrency_8": c8,
                       "batches_at_c8": engine.stats["batches"] - batches_before,
-                      "ratio_c8_vs_c1": round(ratio, 2), "target_ratio": 4.0}, engine.precision.dtype)
+                      "ratio_c8_vs_c1": round(ratio, 2)}, engine.precision.dtype,
+         targets=[Target("tokens_per_s_c8_vs_c1", round(ratio, 2), ">=", 4.0)])
 
 
 def test_continuous_batching(smollm2_engine):
@@ -247,8 +253,8 @@ def test_adapter_overhead(smollm2_engine):
                                            if k != "base"},"model": "smollm2", "lora": "r16 all-linear (serving/lora.py)", "concurrency": 8,
                      "tokens_per_s": tps, "baseline": "base", "runs": runs,
                      "overhead_pct": {k: round(100 * (1 - v / tps["base"]), 1) for k, v in tps.items()
-                                      if k != "base"},
-                     "target_overhead_pct": 15.0}, engine.precision.dtype)
+                                      if k != "base"}}, engine.precision.dtype,
+         targets=[Target("mixed_50_50_overhead_pct", round(100 * (1 - tps["mixed_50_50"] / tps["base"]), 1), "<=", 15.0)])
 
 
 def _step_ms(engine, adapter: str, rounds: int = 12) -> dict[str, float]:  # noqa: ANN001

@@ -44,7 +44,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.benchmarks._machine import save
+from tests.benchmarks._machine import Target, save
 
 MODEL = os.environ.get("FLYWHEEL_BENCH_MODEL", "smollm2")
 THREADS = int(os.environ.get("FLYWHEEL_BENCH_THREADS", "1"))
@@ -164,7 +164,19 @@ def test_bench_dpo_tokens_per_second(tmp_path: Path) -> None:
         "note": "FLOPs = 4 (N - N_head) per token + 4 N_head per completion token (frozen base, LoRA; the "
                 "embedding is tied to the LM head). Shared machine: see load_average.",
     }
-    save("train_dpo.json", result, dtype=project["dtype_used"], threads=THREADS)
+    # The 2.5x is mostly bf16 over the fp32 baseline: a CPU without native bf16 trains in fp32 too
+    # (training.precision), where only the precomputed reference is left to gain.
+    no_bf16 = "" if project["dtype_used"] == "bf16" else f"the project trained in {project['dtype_used']} here"
+    targets = [Target("tokens_per_s_vs_plain_fp32_dpotrainer", round(ratio, 2), ">=", 2.5, not_applicable=no_bf16),
+               Target("fraction_of_matmul_peak", round(achieved / peak, 3), ">=", 0.35)]
+    try:
+        save("train_dpo.json", result, dtype=project["dtype_used"], threads=THREADS, targets=targets)
+    finally:
+        _print_summary(baseline, project, ratio, result, achieved, peak)
+    assert ratio > 1.0  # everywhere: the precomputed reference alone must beat recomputing it each step
+
+
+def _print_summary(baseline: dict, project: dict, ratio: float, result: dict, achieved: float, peak: float) -> None:
     print(f"\nDPO on {MODEL}, {THREADS} thread(s), {STEPS} steps of {BATCH} pairs, load avg {os.getloadavg()[0]:.1f}")
     print(f"  baseline (plain DPOTrainer, fp32, ref every step): {baseline['tokens_per_s']:.0f} tok/s "
           f"({baseline['s_per_step']:.2f} s/step)")
@@ -174,4 +186,3 @@ def test_bench_dpo_tokens_per_second(tmp_path: Path) -> None:
           f"{result['ratio_end_to_end']:.2f}x")
     print(f"  achieved {achieved:.1f} GFLOP/s vs {project['dtype_used']} matmul peak {peak:.1f} GFLOP/s = "
           f"{achieved / peak:.1%} (target >= 35%)")
-    assert ratio > 1.0
