@@ -1,7 +1,10 @@
 """Blocks the training jobs share: device/precision, datasets, the start adapter, MLflow tracking, sidecars.
 
 Plain functions, no trainer base class, so that each job stays readable on its own: dpo.py, kto.py,
-reward_model.py and ppo.py each read top to bottom and call these where they do the same thing.
+sft.py, reward_model.py and ppo.py each read top to bottom and call these where they do the same thing.
+The LoRA trainers (dpo, kto, sft) share three whole steps: `finished_result` (a finished run is not
+run again), `load_policy` (base + tokenizer + the adapter to continue or a fresh LoRA config) and
+`finish_run` (adapter, sidecar, curves, registration, result.json).
 """
 
 from __future__ import annotations
@@ -164,6 +167,80 @@ def last_checkpoint(checkpoints_dir: Path) -> str | None:
 def emit_result(result: dict[str, Any]) -> None:
     """The job's last stdout line: one JSON object the DAG parses (run_id, model_version, adapter_dir...)."""
     print(json.dumps(result, sort_keys=True, default=str), flush=True)
+
+
+def finished_result(out: Path, force: bool) -> dict[str, Any] | None:
+    """The result of a run that already finished in `out` (printed again), else None: a DAG retry of a
+    finished job changes nothing. `force` trains again."""
+    result_file = out / "result.json"
+    if force or not result_file.is_file():
+        return None
+    result = json.loads(result_file.read_text())
+    emit_result(result)
+    return result
+
+
+# --- the LoRA policy: load it, and finish its run ---------------------------------------------
+
+def load_policy(base_model: str, hw: Hardware, start: StartPoint, lora: Any):  # -> (model, tokenizer, LoraConfig | None)
+    """(model, tokenizer, peft_config): a trainable PeftModel when continuing from an adapter (then no
+    config), else the base and a fresh LoRA config from `lora` (r, alpha, dropout, target_modules)."""
+    from peft import LoraConfig, PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = endpoints.model_path(base_model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"  # TRL's preference trainers require it; serving and eval generate so too
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    # Weights load fp32 and the Trainer autocasts to bf16/fp16: the LoRA update is then accumulated in
+    # fp32 (small deltas would round away in bf16; docs/performance.md). Once PEFT has frozen the base, its
+    # Linear weights can be stored in bf16 (prepare_for_autocast: same numbers, no per-step casts).
+    model = AutoModelForCausalLM.from_pretrained(path, **policy_load_kwargs(hw))
+    if start.adapter_dir is not None:
+        return PeftModel.from_pretrained(model, str(start.adapter_dir), is_trainable=True), tokenizer, None
+    return model, tokenizer, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                        target_modules=lora.target_modules, task_type="CAUSAL_LM")
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What every LoRA trainer's result names: which job, on what, from where, on which machine."""
+
+    trainer: str  # dpo | kto | sft
+    cfg: Any  # the job's Config (base_model, register, registry_model, registry_alias)
+    version: str  # the dataset version
+    start: StartPoint
+    hw: Hardware
+
+
+def finish_run(trainer: Any, run: Any, out: Path, info: RunInfo, final: dict[str, float],
+               history: list[dict[str, float]], curves: list[str]) -> dict[str, Any]:
+    """Rank 0's last steps, the same for every LoRA trainer: save the adapter with its sidecar, log the
+    training curves, register the adapter (alias `registry_alias`), write result.json and print it."""
+    import mlflow
+
+    cfg = info.cfg
+    adapter_dir = out / "adapter"
+    trainer.model.save_pretrained(str(adapter_dir), selected_adapters=["default"])
+    write_sidecar(adapter_dir, trainer=info.trainer, cfg=cfg, base_model=cfg.base_model,
+                  base_model_path=endpoints.model_path(cfg.base_model), dataset_version=info.version,
+                  extra={"start_adapter": info.start.label, "precision": info.hw.precision})
+    plot = plot_curves(history, curves, out / f"{info.trainer}_curves.png", f"{info.trainer.upper()} {info.version}")
+    if plot:
+        mlflow.log_artifact(str(plot), "plots")
+    result: dict[str, Any] = {"run_id": run.info.run_id, "adapter_dir": str(adapter_dir),
+                              "dataset_version": info.version, "base_model": cfg.base_model,
+                              "start_adapter": info.start.label, "trainer": info.trainer, "metrics": final,
+                              "model_version": None, "model_uri": None}
+    if cfg.register:
+        ref = registry.register_adapter(adapter_dir, run.info.run_id, name=cfg.registry_model,
+                                        alias=cfg.registry_alias or None,
+                                        tags={"trainer": info.trainer, "dataset_version": info.version})
+        result.update(model_version=ref.version, model_uri=ref.uri, model_label=ref.label)
+    (out / "result.json").write_text(json.dumps(result, indent=2, sort_keys=True, default=str))
+    emit_result(result)
+    return result
 
 
 # --- datasets -----------------------------------------------------------------------------------

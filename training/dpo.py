@@ -14,7 +14,6 @@ with the same output_dir resumes from the newest one. The last stdout line is a 
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -219,27 +218,6 @@ class WeightedDPOTrainer(trl_seam.KeepColumns, DPOTrainer):
 
 # --- the job ------------------------------------------------------------------------------------------
 
-def _load_policy(cfg: Config, hw: common.Hardware, start: common.StartPoint):
-    """(model, tokenizer, peft_config): a PeftModel when continuing from an adapter, else base + LoRA config."""
-    from peft import LoraConfig, PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = endpoints.model_path(cfg.base_model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    tokenizer.padding_side = "left"  # TRL requires it; generation in serving/eval uses it too
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    # Weights load fp32 and the Trainer autocasts to bf16/fp16: the LoRA update is then accumulated in
-    # fp32 (small deltas would round away in bf16; docs/performance.md). Once PEFT has frozen the base, its
-    # Linear weights are stored in bf16 (common.prepare_for_autocast: same numbers, no per-step casts).
-    model = AutoModelForCausalLM.from_pretrained(path, **common.policy_load_kwargs(hw))
-    if start.adapter_dir is not None:
-        return PeftModel.from_pretrained(model, str(start.adapter_dir), is_trainable=True), tokenizer, None
-    lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                      target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
-    return model, tokenizer, lora
-
-
 def _training_args(cfg: Config, hw: common.Hardware, out: Path) -> DPOConfig:
     return DPOConfig(
         output_dir=str(out / "checkpoints"),
@@ -284,11 +262,8 @@ def main(cfg: Config) -> dict[str, Any]:
     version = common.resolve_version(cfg.dataset_version)
     out = Path(cfg.output_dir) if cfg.output_dir else common.default_output_dir("dpo", version, cfg)
     out.mkdir(parents=True, exist_ok=True)
-    result_file = out / "result.json"
-    if result_file.is_file() and not cfg.force:
-        result = json.loads(result_file.read_text())  # a finished run: a DAG retry changes nothing
-        common.emit_result(result)
-        return result
+    if (done := common.finished_result(out, cfg.force)) is not None:
+        return done
 
     train = common.load_preferences(version, "dpo", "train")
     if train is None:
@@ -305,7 +280,7 @@ def main(cfg: Config) -> dict[str, Any]:
     hw = common.detect_hardware(cfg.precision)
     base_path = endpoints.model_path(cfg.base_model)
     start = common.resolve_start(cfg.init_from, cfg.registry_model, cfg.base_model, out / "start")
-    model, tokenizer, peft_config = _load_policy(cfg, hw, start)
+    model, tokenizer, peft_config = common.load_policy(cfg.base_model, hw, start, cfg.lora)
     args = _training_args(cfg, hw, out)
     metrics_cb = common.MlflowMetrics(hw.device)
     trainer = WeightedDPOTrainer(model=model, args=args, train_dataset=train, eval_dataset=heldout,
@@ -350,28 +325,8 @@ def main(cfg: Config) -> dict[str, Any]:
         final = {k.replace("/", "_"): float(v) for k, v in final.items()}
         mlflow.log_metrics(final, step=trainer.state.global_step)
 
-        adapter_dir = out / "adapter"
-        trainer.model.save_pretrained(str(adapter_dir), selected_adapters=["default"])
-        common.write_sidecar(adapter_dir, trainer="dpo", cfg=cfg, base_model=cfg.base_model,
-                             base_model_path=base_path, dataset_version=version,
-                             extra={"start_adapter": start.label, "precision": hw.precision})
-        plot = common.plot_curves(metrics_cb.history, ["loss", "rewards_margins", "rewards_accuracies",
-                                                       "tokens_per_s"], out / "dpo_curves.png", f"DPO {version}")
-        if plot:
-            mlflow.log_artifact(str(plot), "plots")
-
-        result: dict[str, Any] = {"run_id": run.info.run_id, "adapter_dir": str(adapter_dir),
-                                  "dataset_version": version, "base_model": cfg.base_model,
-                                  "start_adapter": start.label, "trainer": "dpo", "metrics": final,
-                                  "model_version": None, "model_uri": None}
-        if cfg.register:
-            ref = registry.register_adapter(adapter_dir, run.info.run_id, name=cfg.registry_model,
-                                            alias=cfg.registry_alias or None,
-                                            tags={"trainer": "dpo", "dataset_version": version})
-            result.update(model_version=ref.version, model_uri=ref.uri, model_label=ref.label)
-    result_file.write_text(json.dumps(result, indent=2, sort_keys=True, default=str))
-    common.emit_result(result)
-    return result
+        return common.finish_run(trainer, run, out, common.RunInfo("dpo", cfg, version, start, hw), final,
+                                 metrics_cb.history, ["loss", "rewards_margins", "rewards_accuracies", "tokens_per_s"])
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
 Same shape as training/dpo.py (kept parallel rather than abstracted): starts from the champion adapter
 when there is one (it is then the reference) or from the base; TRL's KTOTrainer with precomputed
 reference log-probs; checkpoints in <output_dir>/checkpoints with resume; MLflow run, sidecar,
-registration as `challenger`; the last stdout line is the result JSON. The desirable / undesirable
+registration as `candidate`; the last stdout line is the result JSON. The desirable / undesirable
 weights are balanced from the row counts (`balanced_weights`). TRL's KTO has no per-row weights, so
 rows of weight 0 are dropped (weight 0 means absent in the dataset contract) and other weights are
 not used; use DPO where the implicit-signal weights matter.
@@ -14,13 +14,10 @@ not used; use DPO where the implicit-signal weights matter.
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from ingest import endpoints
 from ingest.config import parse_config
@@ -88,17 +85,13 @@ def balanced_weights(n_desirable: int, n_undesirable: int) -> tuple[float, float
 
 
 def main(cfg: Config) -> dict[str, Any]:
-    from peft import LoraConfig, PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import KTOConfig, KTOTrainer
 
     version = common.resolve_version(cfg.dataset_version)
     out = Path(cfg.output_dir) if cfg.output_dir else common.default_output_dir("kto", version, cfg)
     out.mkdir(parents=True, exist_ok=True)
-    if (out / "result.json").is_file() and not cfg.force:
-        result = json.loads((out / "result.json").read_text())  # a finished run: a DAG retry changes nothing
-        common.emit_result(result)
-        return result
+    if (done := common.finished_result(out, cfg.force)) is not None:
+        return done
 
     train = common.load_preferences(version, "kto", "train")
     if train is None:
@@ -114,17 +107,7 @@ def main(cfg: Config) -> dict[str, Any]:
     hw = common.detect_hardware(cfg.precision)
     base_path = endpoints.model_path(cfg.base_model)
     start = common.resolve_start(cfg.init_from, cfg.registry_model, cfg.base_model, out / "start")
-    tokenizer = AutoTokenizer.from_pretrained(base_path)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)  # fp32 master weights, autocast
-    peft_config = None
-    if start.adapter_dir is not None:
-        model = PeftModel.from_pretrained(model, str(start.adapter_dir), is_trainable=True)
-    else:
-        peft_config = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                                 target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
+    model, tokenizer, peft_config = common.load_policy(cfg.base_model, hw, start, cfg.lora)
     args = KTOConfig(
         output_dir=str(out / "checkpoints"), **common.trainer_device_kwargs(hw),
         per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
@@ -171,27 +154,8 @@ def main(cfg: Config) -> dict[str, Any]:
                     if k.startswith(("eval_loss", "eval_rewards/", "eval_kl", "eval_logps/"))}}
         mlflow.log_metrics(final, step=trainer.state.global_step)
 
-        adapter_dir = out / "adapter"
-        trainer.model.save_pretrained(str(adapter_dir), selected_adapters=["default"])
-        common.write_sidecar(adapter_dir, trainer="kto", cfg=cfg, base_model=cfg.base_model,
-                             base_model_path=base_path, dataset_version=version,
-                             extra={"start_adapter": start.label, "precision": hw.precision})
-        plot = common.plot_curves(metrics_cb.history, ["loss", "rewards_margins", "kl", "tokens_per_s"],
-                                  out / "kto_curves.png", f"KTO {version}")
-        if plot:
-            mlflow.log_artifact(str(plot), "plots")
-        result: dict[str, Any] = {"run_id": run.info.run_id, "adapter_dir": str(adapter_dir),
-                                  "dataset_version": version, "base_model": cfg.base_model,
-                                  "start_adapter": start.label, "trainer": "kto", "metrics": final,
-                                  "model_version": None, "model_uri": None}
-        if cfg.register:
-            ref = registry.register_adapter(adapter_dir, run.info.run_id, name=cfg.registry_model,
-                                            alias=cfg.registry_alias or None,
-                                            tags={"trainer": "kto", "dataset_version": version})
-            result.update(model_version=ref.version, model_uri=ref.uri, model_label=ref.label)
-    (out / "result.json").write_text(json.dumps(result, indent=2, sort_keys=True, default=str))
-    common.emit_result(result)
-    return result
+        return common.finish_run(trainer, run, out, common.RunInfo("kto", cfg, version, start, hw), final,
+                                 metrics_cb.history, ["loss", "rewards_margins", "kl", "tokens_per_s"])
 
 
 if __name__ == "__main__":
