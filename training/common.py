@@ -284,6 +284,24 @@ def load_preferences(version: str, kind: str, split: str):  # -> datasets.Datase
     return ds if len(ds) > 0 else None
 
 
+def share_between_ranks(ds, args: Any, path: Path):  # (datasets.Dataset | None) -> the same
+    """Under multi-process training, `ds` as Arrow files in `path`, written by the main process first.
+
+    TRL caches preprocessing (the precomputed reference log-probs) next to a dataset's files; an
+    in-memory dataset has none, so each rank would use a temporary folder of its own and the other
+    ranks would not find rank 0's cache. From one shared folder every rank reads the same files. In one
+    process the dataset is returned unchanged.
+    """
+    if ds is None or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return ds
+    from datasets import load_from_disk
+
+    with args.main_process_first(desc=f"dataset {path.name} to disk"):
+        if not (path / "state.json").is_file():
+            ds.save_to_disk(str(path))
+    return load_from_disk(str(path))
+
+
 def dataset_digest(version: str) -> str:
     return str(manifest(version).get("sha256", version))[:32]
 

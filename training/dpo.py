@@ -282,6 +282,8 @@ def main(cfg: Config) -> dict[str, Any]:
     start = common.resolve_start(cfg.init_from, cfg.registry_model, cfg.base_model, out / "start")
     model, tokenizer, peft_config = common.load_policy(cfg.base_model, hw, start, cfg.lora)
     args = _training_args(cfg, hw, out)
+    train = common.share_between_ranks(train, args, out / "data" / "train")
+    heldout = common.share_between_ranks(heldout, args, out / "data" / "eval")
     metrics_cb = common.MlflowMetrics(hw.device)
     trainer = WeightedDPOTrainer(model=model, args=args, train_dataset=train, eval_dataset=heldout,
                                  processing_class=tokenizer, peft_config=peft_config, callbacks=[metrics_cb],
