@@ -14,7 +14,8 @@ Steps (counts of each filter go to the manifest):
     beyond chance (rule below) and drop (or down-weight) every row using their signals;
  6. exact then near-duplicate removal; per-user caps (no owner above max_user_share of a kind);
  7. split train/eval by a hash of prompt_id (a prompt is never in both);
- 8. write `datasets/<kind>/version=<V>/split=<s>/part-00000.parquet` + `datasets/manifests/<V>.json`.
+ 8. write `datasets/<kind>/version=<V>/split=<s>/part-<bucket>.parquet` (by the executors, rows bucketed
+    by prompt) + `datasets/manifests/<V>.json`.
     V derives from the content (sha256 of the files) and the window's event ids, so the same window
     built twice gives the same V and the second build touches nothing; then log it to MLflow.
 The last stdout line is JSON: {"version", "manifest", "counts", "trainable", "reused", ...}. When the
@@ -49,7 +50,7 @@ from ingest.pairing import PairingConfig, Row
 
 KINDS = contract.DATASET_KINDS
 SPLITS = contract.DATASET_SPLITS
-FORMAT_VERSION = 1  # bump when the meaning of the files changes: it is part of the version id
+FORMAT_VERSION = 2  # bump when the meaning of the files changes: it is part of the version id
 # {kind: [(column, Spark type)]}, derived from the dataset row models (the manifest's "schema")
 COLUMNS: dict[str, list[tuple[str, str]]] = {k: list(contract.spark_types(m).items())
                                              for k, m in contract.DATASET_ROWS.items()}
@@ -61,7 +62,9 @@ class Config:
 
     Window: start, end (ISO timestamp or date; UTC if no zone), response_lookback_hours.
     Paths: landing_dir, datasets_dir (empty = <var>/landing, <var>/datasets).
-    Spark: spark_master (empty = endpoints.spark_master()), shuffle_partitions, driver_memory.
+    Spark: spark_master (empty = endpoints.spark_master()), shuffle_partitions (the initial number; adaptive
+      execution coalesces), driver_memory, files_per_split (Parquet files per kind and split, written by
+      the executors: part of the version's identity).
     Quality: drop_truncated, max_user_share, eval_fraction, min_dpo_train_rows / min_kto_train_rows (trainable).
     Poisoning: poison_action (drop | downweight), poison_weight, poison_alpha, poison_min_comparisons,
       poison_min_other_raters.
@@ -76,6 +79,7 @@ class Config:
     spark_master: str = ""
     shuffle_partitions: int = 4
     driver_memory: str = "4g"
+    files_per_split: int = 4
     drop_truncated: bool = True
     max_user_share: float = 0.25
     eval_fraction: float = 0.1
@@ -116,6 +120,8 @@ def spark_session(master: str = "", shuffle_partitions: int = 4, driver_memory: 
 
     spark = (SparkSession.builder.master(master or endpoints.spark_master()).appName("flywheel-build-dataset")
             .config("spark.sql.shuffle.partitions", str(shuffle_partitions))
+            .config("spark.sql.adaptive.enabled", "true")
+            .config("spark.sql.adaptive.coalescePartitions.enabled", "true")
             .config("spark.sql.session.timeZone", "UTC")
             .config("spark.driver.memory", driver_memory)
             .config("spark.driver.host", "127.0.0.1").config("spark.driver.bindAddress", "127.0.0.1")
@@ -453,7 +459,7 @@ def build(cfg: Config, spark=None) -> dict:  # noqa: ANN001
     # 8. write to a temporary folder, hash, then move into place (or discard if the version exists)
     tmp = ds_root / f".tmp-build-{os.getpid()}-{time.time_ns()}"
     try:
-        files = _write(rows, tmp, counts)
+        files = _write(rows, tmp, cfg.files_per_split)
         timings.lap("8. write")
         content = hashlib.sha256("".join(f"{p}\n{h}\n" for p, h in sorted(files.items())).encode()).hexdigest()
         version = "ds-" + hashlib.sha256(f"{FORMAT_VERSION}|{content}|{events_fp}".encode()).hexdigest()[:16]
@@ -496,7 +502,7 @@ def build(cfg: Config, spark=None) -> dict:  # noqa: ANN001
         shutil.rmtree(tmp, ignore_errors=True)
         spark.catalog.clearCache()
     summary = {"version": version, "manifest": str(manifest_path), "counts": manifest["counts"],
-               "trainable": manifest["trainable"], "reused": reused,
+               "trainable": manifest["trainable"], "min_rows": manifest["min_rows"], "reused": reused,
                "flagged_users": sorted(manifest["poisoning"]["flagged_users"]),
                "elapsed_s": round(time.monotonic() - t0, 2), "step_s": timings.laps}
     if cfg.mlflow_log:
@@ -509,33 +515,67 @@ def _final_rel(rel: str, version: str) -> str:
     return (contract.dataset_path("", kind, version, split) / name).as_posix()
 
 
-def _write(rows, tmp: Path, counts: dict) -> dict[str, str]:  # noqa: ANN001
-    """Write each kind sorted into one file per split (deterministic bytes); returns {kind/split/file: sha256}."""
-    import pyarrow as pa
+def _write(rows, tmp: Path, n_files: int) -> dict[str, str]:  # noqa: ANN001
+    """Executors write the files; the driver gets back only their names and hashes, never the rows.
+
+    A row goes to bucket pmod(xxhash64(prompt_id), n_files) of its kind and split, so the file it lands
+    in is a function of the row alone, not of the cluster or its partitioning; each bucket is sorted and
+    written by pyarrow (`_write_buckets`), whose bytes are a function of the rows (parquet-mr lists
+    column encodings in JVM hash order, so Spark's own writer differs between runs of the same data).
+    Hence the same version, byte for byte, on local[*] and on a cluster. A kind/split without rows
+    gets an empty file, so readers always find the schema. Returns {kind/split/file: sha256}.
+    `tmp` must be storage every executor can write (the same disk locally, a shared file system on a
+    cluster).
+    """
     import pyarrow.parquet as pq
     from pyspark.sql import functions as F
 
-    files = {}
+    used = sorted({c for cols in COLUMNS.values() for c, _ in cols})
+    keyed = rows.select("kind", "split", F.pmod(F.xxhash64("prompt_id"), F.lit(n_files)).alias("_bucket"), *used)
+    written = (keyed.repartition("kind", "split", "_bucket")
+               .mapInArrow(_write_buckets(str(tmp)), "file string, sha256 string, rows long").collect())
+    files = {r["file"]: r["sha256"] for r in written}
     for kind in KINDS:
-        cols = [c for c, _ in COLUMNS[kind]]
-        if sum(counts[kind].values()):
-            out = tmp / "spark" / kind
-            (rows.where(F.col("kind") == kind).select(*cols, "split")
-             .orderBy("split", *cols).coalesce(1)
-             .write.partitionBy("split").parquet(str(out)))
         for split in SPLITS:
-            dst = tmp / kind / split / "part-00000.parquet"
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            produced = sorted((tmp / "spark" / kind / f"split={split}").glob("part-*.parquet"))
-            # Re-encode with pyarrow: parquet-mr lists column encodings in JVM hash order, so Spark's
-            # bytes differ between runs of the same data; pyarrow's are a function of the rows only.
-            # An empty split gets a file too, so readers always find the schema.
-            schema = contract.arrow_schema(contract.DATASET_ROWS[kind])
-            table = (pa.concat_tables(pq.read_table(f).select(cols).cast(schema) for f in produced)
-                     if produced else schema.empty_table())
-            pq.write_table(table, dst, compression="zstd")
-            files[f"{kind}/{split}/part-00000.parquet"] = hashlib.sha256(dst.read_bytes()).hexdigest()
+            if not any(f.startswith(f"{kind}/{split}/") for f in files):
+                dst = tmp / kind / split / "part-00000.parquet"
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                pq.write_table(contract.arrow_schema(contract.DATASET_ROWS[kind]).empty_table(), dst,
+                               compression="zstd")
+                files[f"{kind}/{split}/part-00000.parquet"] = hashlib.sha256(dst.read_bytes()).hexdigest()
     return files
+
+
+def _write_buckets(tmp: str):  # noqa: ANN202 - a mapInArrow function, run on the executors
+    """Per Spark partition: every (kind, split, bucket) group in it, sorted by all its columns, as one
+    Parquet file tmp/<kind>/<split>/part-<bucket>.parquet; yields (file, sha256, rows) per file."""
+
+    def write(batches):  # noqa: ANN001, ANN202
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        batches = list(batches)
+        table = pa.Table.from_batches(batches) if batches else None
+        out: dict[str, list] = {"file": [], "sha256": [], "rows": []}
+        groups = table.group_by(["kind", "split", "_bucket"]).aggregate([]).to_pylist() if table else []
+        for g in sorted(groups, key=lambda g: (g["kind"], g["split"], g["_bucket"])):
+            mask = pc.and_(pc.and_(pc.equal(table["kind"], g["kind"]), pc.equal(table["split"], g["split"])),
+                           pc.equal(table["_bucket"], g["_bucket"]))
+            cols = [c for c, _ in COLUMNS[g["kind"]]]
+            part = (table.filter(mask).select(cols).sort_by([(c, "ascending") for c in cols])
+                    .cast(contract.arrow_schema(contract.DATASET_ROWS[g["kind"]])))
+            rel = f"{g['kind']}/{g['split']}/part-{g['_bucket']:05d}.parquet"
+            dst = Path(tmp) / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            pq.write_table(part, dst, compression="zstd")
+            out["file"].append(rel)
+            out["sha256"].append(hashlib.sha256(dst.read_bytes()).hexdigest())
+            out["rows"].append(part.num_rows)
+        yield pa.RecordBatch.from_pydict(out, schema=pa.schema([("file", pa.string()), ("sha256", pa.string()),
+                                                                 ("rows", pa.int64())]))
+
+    return write
 
 
 def log_to_mlflow(manifest: dict, ds_root: Path, experiment: str) -> str | None:
