@@ -217,7 +217,9 @@ class RunInfo:
 def finish_run(trainer: Any, run: Any, out: Path, info: RunInfo, final: dict[str, float],
                history: list[dict[str, float]], curves: list[str]) -> dict[str, Any]:
     """Rank 0's last steps, the same for every LoRA trainer: save the adapter with its sidecar, log the
-    training curves, register the adapter (alias `registry_alias`), write result.json and print it."""
+    training curves, register the adapter (alias `registry_alias`) and write result.json. The caller
+    prints the result (`emit_result`) once the MLflow run has closed: MLflow prints its run links to
+    stdout when a run ends, and the job's last stdout line must be the result."""
     import mlflow
 
     cfg = info.cfg
@@ -239,7 +241,6 @@ def finish_run(trainer: Any, run: Any, out: Path, info: RunInfo, final: dict[str
                                         tags={"trainer": info.trainer, "dataset_version": info.version})
         result.update(model_version=ref.version, model_uri=ref.uri, model_label=ref.label)
     (out / "result.json").write_text(json.dumps(result, indent=2, sort_keys=True, default=str))
-    emit_result(result)
     return result
 
 

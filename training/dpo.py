@@ -327,8 +327,10 @@ def main(cfg: Config) -> dict[str, Any]:
         final = {k.replace("/", "_"): float(v) for k, v in final.items()}
         mlflow.log_metrics(final, step=trainer.state.global_step)
 
-        return common.finish_run(trainer, run, out, common.RunInfo("dpo", cfg, version, start, hw), final,
-                                 metrics_cb.history, ["loss", "rewards_margins", "rewards_accuracies", "tokens_per_s"])
+        result = common.finish_run(trainer, run, out, common.RunInfo("dpo", cfg, version, start, hw), final,
+                                   metrics_cb.history, ["loss", "rewards_margins", "rewards_accuracies", "tokens_per_s"])
+    common.emit_result(result)  # after the run closed (MLflow prints its links when a run ends)
+    return result
 
 
 if __name__ == "__main__":

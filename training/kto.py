@@ -154,8 +154,10 @@ def main(cfg: Config) -> dict[str, Any]:
                     if k.startswith(("eval_loss", "eval_rewards/", "eval_kl", "eval_logps/"))}}
         mlflow.log_metrics(final, step=trainer.state.global_step)
 
-        return common.finish_run(trainer, run, out, common.RunInfo("kto", cfg, version, start, hw), final,
-                                 metrics_cb.history, ["loss", "rewards_margins", "kl", "tokens_per_s"])
+        result = common.finish_run(trainer, run, out, common.RunInfo("kto", cfg, version, start, hw), final,
+                                   metrics_cb.history, ["loss", "rewards_margins", "kl", "tokens_per_s"])
+    common.emit_result(result)  # after the run closed (MLflow prints its links when a run ends)
+    return result
 
 
 if __name__ == "__main__":

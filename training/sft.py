@@ -139,8 +139,10 @@ def main(cfg: Config) -> dict[str, Any]:
             return {}
         final = summary(trainer, train_s, before, after, hw)
         mlflow.log_metrics(final, step=trainer.state.global_step)
-        return common.finish_run(trainer, run, out, common.RunInfo("sft", cfg, version, start, hw), final,
-                                 metrics_cb.history, ["loss", "mean_token_accuracy", "tokens_per_s"])
+        result = common.finish_run(trainer, run, out, common.RunInfo("sft", cfg, version, start, hw), final,
+                                   metrics_cb.history, ["loss", "mean_token_accuracy", "tokens_per_s"])
+    common.emit_result(result)  # after the run closed (MLflow prints its links when a run ends)
+    return result
 
 
 def summary(trainer: Any, train_s: float, before: dict[str, float], after: dict[str, float],
