@@ -49,3 +49,27 @@ def build_dataset_command(ctx: dict) -> str:
     start = p.get("window_start") or ctx["data_interval_start"].isoformat()
     end = p.get("window_end") or ctx["data_interval_end"].isoformat()
     return job("ingest.build_dataset", f"start={start}", f"end={end}", *p.get("dataset_overrides", "").split())
+
+
+def retrain_plan(built: dict, sft_first: bool = False, min_sft_rows: int = 16) -> dict:
+    """What `preference_retrain` trains on a dataset version, from the builder's answer (counts, min_rows):
+
+    - DPO when the train split has enough pairs, judged by a reward model trained on the same pairs;
+    - else KTO when it has enough rated answers without a partner, judged by nothing offline (a reward
+      model needs pairs; with too few its verdict is noise, so the gate reports "no offline evidence"
+      and the canary's users decide);
+    - else nothing (`trainer` None).
+    `sft` says whether SFT on the edits and strong positives runs first (asked for, and enough rows).
+    """
+    counts, mins = built.get("counts", {}), built.get("min_rows", {})
+    n = {kind: counts.get(kind, {}).get("train", 0) for kind in ("dpo", "kto", "sft")}
+    if n["dpo"] >= mins.get("dpo_train", 16):
+        trainer, reason = "dpo", f"{n['dpo']} train pairs"
+    elif n["kto"] >= mins.get("kto_train", 32):
+        trainer, reason = "kto", f"only {n['dpo']} train pairs but {n['kto']} unpaired rated answers"
+    else:
+        trainer, reason = None, f"{n['dpo']} pairs and {n['kto']} unpaired rated answers: too few to train on"
+    sft = bool(trainer and sft_first and n["sft"] >= min_sft_rows)
+    return {"trainer": trainer, "judge": "reward_model" if trainer == "dpo" else "none", "sft": sft,
+            "reason": reason + (f"; SFT first on {n['sft']} rows" if sft else "")}
+

@@ -77,3 +77,31 @@ def test_retrain_dags_start_a_canary_and_never_promote(dagbag: dict):
         tasks = set(dagbag["dags"][dag_id]["tasks"])
         assert "start_canary" in tasks and "promote" not in tasks, (dag_id, tasks)
     assert "train_reward_model" in dagbag["dags"]["preference_retrain"]["tasks"]
+
+
+def _plan(dpo: int, kto: int, sft: int = 0, **kw) -> dict:  # noqa: ANN003
+    import sys
+
+    sys.path.insert(0, str(REPO / "dags"))
+    from _flywheel import retrain_plan
+
+    built = {"counts": {"dpo": {"train": dpo}, "kto": {"train": kto}, "sft": {"train": sft}},
+             "min_rows": {"dpo_train": 16, "kto_train": 32}}
+    return retrain_plan(built, **kw)
+
+
+def test_retrain_plan_trains_dpo_with_enough_pairs_else_kto_else_nothing():
+    assert _plan(16, 0) | {"reason": ""} == {"trainer": "dpo", "judge": "reward_model", "sft": False, "reason": ""}
+    kto = _plan(15, 32)
+    assert (kto["trainer"], kto["judge"]) == ("kto", "none") and "only 15 train pairs" in kto["reason"]
+    assert _plan(15, 31)["trainer"] is None and _plan(0, 0)["sft"] is False
+    assert _plan(20, 0, sft=16, sft_first=True)["sft"] is True
+    assert _plan(20, 0, sft=15, sft_first=True)["sft"] is False  # too few SFT rows: straight to DPO
+    assert _plan(20, 0, sft=99)["sft"] is False  # not asked for
+    assert _plan(0, 0, sft=99, sft_first=True)["sft"] is False  # nothing to continue into
+
+
+def test_retrain_dag_falls_back_to_kto_and_can_run_sft_first(dagbag: dict):
+    tasks = set(dagbag["dags"]["preference_retrain"]["tasks"])
+    assert {"plan", "train_sft", "which_trainer", "train_dpo", "train_kto"} <= tasks, tasks
+

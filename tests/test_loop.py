@@ -1,6 +1,7 @@
 """The loop end to end on the tiny model: real server, simulated users, real broker, Airflow
 `dags test` of feedback_ingest, preference_retrain (Spark dataset, DPO, reward model, eval, gate,
-canary) and rollout, and a second run of the same interval that changes nothing."""
+canary) and rollout, a second run of the same interval that changes nothing, and a run on a version
+with too few pairs, which trains KTO instead and is judged by nothing offline."""
 
 from __future__ import annotations
 
@@ -58,3 +59,17 @@ def test_preference_retrain_end_to_end_and_rerun_changes_nothing(stack, tiny_mod
     demo.airflow_dags_test("preference_retrain", demo.retrain_conf(cfg, report["window"]))
     assert [r.version for r in registry.find_versions({})] == versions_before
     assert registry.aliases() == aliases_before
+
+    # The same events with the pairing rules off: a version with no pairs but the rated answers
+    # unpaired. The DAG trains KTO instead of skipping, and with no pairs there is no reward model to
+    # judge it, so the gate reports no offline evidence and leaves the decision to the canary.
+    no_pairs = "pairing.w_edit=-10 pairing.w_regenerate=-10 pairing.max_thumb_pairs_per_prompt=0"
+    conf = demo.retrain_conf(cfg, report["window"])
+    demo.airflow_dags_test("preference_retrain", {**conf, "dataset_overrides": f"{conf['dataset_overrides']} {no_pairs}",
+                                                  "kto_overrides": "max_steps=4"})
+    kto = registry.find_versions({"trainer": "kto"})
+    assert len(kto) == 1 and kto[0].version not in versions_before, kto
+    tags = registry.client().get_model_version(registry.DEFAULT_MODEL_NAME, kto[0].version).tags
+    assert tags["gate.offline_evidence"] == "none", tags
+    assert "no offline evidence" in tags["gate.lines"], tags["gate.lines"]
+
