@@ -43,7 +43,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Literal
 
-from ingest import contract, endpoints, landing, pii
+from ingest import contract, endpoints, landing, pii, reader
 from ingest.config import parse_config, to_dict
 from ingest.events import FeedbackEvent, ResponseEvent
 from ingest.pairing import PairingConfig, Row
@@ -598,12 +598,12 @@ def log_to_mlflow(manifest: dict, ds_root: Path, experiment: str) -> str | None:
         for kind, splits in manifest["counts"].items():
             for split, n in splits.items():
                 mlflow.log_metric(f"rows.{kind}.{split}", n)
-                path = contract.dataset_path(ds_root, kind, version, split)
+                ident = reader.identity(version, kind, split, ds_root)  # the same identity the trainers log
                 with warnings.catch_warnings():  # "can be interpreted in multiple ways": both are local files
                     warnings.simplefilter("ignore", UserWarning)
-                    source = resolve_dataset_source(str(path))
-                ds = MetaDataset(source, name=f"{kind}-{split}-{version}", digest=manifest["sha256"][:16])
-                mlflow.log_input(ds, context="training" if split == "train" else "eval")
+                    source = resolve_dataset_source(ident["source"])
+                ds = MetaDataset(source, name=ident["name"], digest=ident["digest"])
+                mlflow.log_input(ds, context="training" if split == "train" else "evaluation")
         mlflow.log_dict(manifest, f"manifests/{version}.json")
         return run.info.run_id
 

@@ -17,6 +17,7 @@ the same order. Light imports only (pyarrow, and `datasets` inside `load`): DAG 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,16 @@ def manifest(version: str, root: str | Path | None = None) -> dict[str, Any]:
         raise FileNotFoundError(f"dataset version {version!r} has no manifest at {path}; build one with "
                                 f"`python -m ingest.build_dataset start=... end=...` (recent: {known or 'none'})")
     return json.loads(path.read_text())
+
+
+def identity(version: str, kind: str, split: str, root: str | Path | None = None) -> dict[str, str]:
+    """The one MLflow identity of a split of a version, logged by the builder and by every trainer that
+    reads it, so that MLflow ties the dataset to each run that built or used it: name
+    `<kind>/<split>@<version>`, a digest of the manifest's content hash, and the split's folder as source."""
+    content = manifest(version, root).get("sha256", version)
+    return {"name": f"{kind}/{split}@{version}",
+            "digest": hashlib.sha256(f"{content}/{kind}/{split}".encode()).hexdigest()[:32],
+            "source": str(dataset_path(datasets_dir(root), kind, version, split))}
 
 
 def versions(root: str | Path | None = None) -> list[str]:

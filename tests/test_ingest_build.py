@@ -186,6 +186,17 @@ def test_empty_window_not_trainable_and_logged_to_mlflow(spark, landed, stack, c
     run = mlflow.get_run(last["mlflow_run_id"])
     assert run.data.tags["dataset_version"] == last["version"]
     assert len(run.inputs.dataset_inputs) == 6
+    # the identity every trainer logs too (ingest.reader.identity), so MLflow finds both runs by it
+    logged = {d.dataset.name: (d.dataset.digest, d.dataset.source) for d in run.inputs.dataset_inputs}
+    for kind in reader.KINDS:
+        for split in reader.SPLITS:
+            ident = reader.identity(last["version"], kind, split, landed / "datasets")
+            digest, source = logged[ident["name"]]
+            assert digest == ident["digest"] and ident["source"] in source, (ident, logged)
+    idents = [reader.identity(last["version"], "dpo", "train", landed / "datasets")]
+    found = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                               filter_string=f"dataset.digest = '{idents[0]['digest']}'")
+    assert [r.info.run_id for r in found] == [last["mlflow_run_id"]]
     # logged once: logging the same version again finds the same run
     m = reader.manifest(last["version"], landed / "datasets")
     assert log_to_mlflow(m, landed / "datasets", cfg.mlflow_experiment) == last["mlflow_run_id"]

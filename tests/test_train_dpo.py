@@ -275,6 +275,10 @@ def test_dpo_job_trains_registers_and_continues_from_champion(dpo_dataset: str, 
     assert run.data.params["base_model"] == "tiny"
     names = sorted(d.dataset.name for d in run.inputs.dataset_inputs)
     assert names == [f"dpo/eval@{dpo_dataset}", f"dpo/train@{dpo_dataset}"]
+    from ingest import reader  # the identity the dataset builder logs: one dataset in MLflow, two runs
+
+    assert {d.dataset.digest for d in run.inputs.dataset_inputs} == \
+        {reader.identity(dpo_dataset, "dpo", s)["digest"] for s in ("train", "eval")}
     arts = [a.path for a in registry.client().list_artifacts(result["run_id"], "plots")]
     assert "plots/dpo_curves.png" in arts
 

@@ -303,10 +303,6 @@ def share_between_ranks(ds, args: Any, path: Path):  # (datasets.Dataset | None)
     return load_from_disk(str(path))
 
 
-def dataset_digest(version: str) -> str:
-    return str(manifest(version).get("sha256", version))[:32]
-
-
 # --- the adapter to start from ------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -398,15 +394,17 @@ def log_config(cfg: Any, extra: dict[str, Any] | None = None) -> None:
 
 
 def log_dataset_input(version: str, kind: str, split: str, ds, context: str) -> None:  # noqa: ANN001
-    """Record a split of a dataset version as an MLflow input (name kind/split@version, digest from the manifest)."""
+    """Record a split of a dataset version as an MLflow input, under the identity the builder logged it
+    with (ingest.reader.identity: name, digest, source), so MLflow ties the two runs to one dataset."""
     import mlflow
     import pandas as pd
 
+    from ingest import reader
+
+    ident = reader.identity(version, kind, split)
     preview = pd.DataFrame({"prompt_id": ds["prompt_id"][:1000]}) if "prompt_id" in ds.column_names else \
         pd.DataFrame({"rows": [len(ds)]})
-    data = mlflow.data.from_pandas(preview, source=str(datasets_root() / kind / f"version={version}"),
-                                   name=f"{kind}/{split}@{version}",
-                                   digest=hashlib.sha256(f"{dataset_digest(version)}/{kind}/{split}".encode()).hexdigest()[:32])
+    data = mlflow.data.from_pandas(preview, source=ident["source"], name=ident["name"], digest=ident["digest"])
     mlflow.log_input(data, context=context, tags={"dataset_version": version, "kind": kind, "split": split,
                                                   "rows": str(len(ds))})
 
