@@ -36,6 +36,9 @@ def test_ppo_raises_reward_within_kl_budget(stack, tiny_model: str, tmp_path: Pa
     assert "plots/ppo_curves.png" in [a.path for a in registry.client().list_artifacts(result["run_id"], "plots")]
     assert registry.aliases("flywheel-test-ppo")["candidate"] == result["model_version"]
     assert registry.read_sidecar(result["adapter_dir"])["trainer"] == "ppo"
+    # A DAG retry of the finished run changes nothing: same version, nothing trained or registered again.
+    assert ppo.main(cfg)["model_version"] == result["model_version"]
+    assert [r.version for r in registry.find_versions({}, name="flywheel-test-ppo")] == [result["model_version"]]
 
 
 def test_ppo_configs_load() -> None:

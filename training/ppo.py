@@ -47,7 +47,8 @@ class Config:
                    max_grad_norm, whiten_advantages
     KL:            init_kl_coef, adaptive_kl, kl_target (nats/answer), kl_horizon, kl_budget (reported: the
                    run fails its `kl_within_budget` check when the final KL exceeds it)
-    Run:           seed, precision (auto | bf16 | fp32), threads (CPU threads, 0 = default), output_dir, experiment, run_name, registry_model,
+    Run:           seed, precision (auto | bf16 | fp32), threads (CPU threads, 0 = default), output_dir, force
+                   (train again although output_dir holds a finished run), experiment, run_name, registry_model,
                    registry_alias, register
     """
 
@@ -81,6 +82,7 @@ class Config:
     precision: str = "fp32"
     threads: int = 0
     output_dir: str = ""
+    force: bool = False
     experiment: str = "flywheel-training"
     run_name: str = ""
     registry_model: str = registry.DEFAULT_MODEL_NAME
@@ -178,156 +180,211 @@ def prompts_of(version: str, max_prompts: int, seed: int) -> list[list[dict[str,
     return prompts[:max_prompts] if max_prompts > 0 else prompts
 
 
+# --- the steps of one iteration: rollout, score, update -------------------------------------------------
+
+@dataclass
+class Rollout:
+    """One batch of sampled answers: the token sequences, their masks and the reward model's scores."""
+
+    seqs: torch.Tensor  # [B, prompt + response]
+    attn: torch.Tensor  # attention mask over seqs
+    mask: torch.Tensor  # [B, response]: 1 up to and including the first eos
+    prompt_width: int
+    scores: torch.Tensor  # [B]
+
+
+@dataclass
+class Scored:
+    """What the update needs: the old log-probs and values, advantages, returns, and the per-token KL."""
+
+    old_logp: torch.Tensor
+    old_values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    kl: torch.Tensor
+
+
+def rollout(policy, tokenizer, scorer: Scorer, prompts: list, cfg: Config, autocast) -> Rollout:  # noqa: ANN001
+    """Sample one answer per prompt with the current policy and score it."""
+    device = next(policy.parameters()).device
+    enc = tokenizer.apply_chat_template(prompts, add_generation_prompt=True, return_tensors="pt", padding=True,
+                                        return_dict=True).to(device)
+    width = enc["input_ids"].shape[1]
+    policy.eval()
+    with torch.no_grad(), autocast():
+        seqs = policy.generate(**enc, do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0,
+                               max_new_tokens=cfg.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                               eos_token_id=tokenizer.eos_token_id)
+    response = seqs[:, width:]
+    mask = response_mask(response, tokenizer.eos_token_id)
+    attn = torch.cat([enc["attention_mask"], mask.long()], dim=1)
+    answers = [tokenizer.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(response, mask, strict=True)]
+    scores = torch.tensor(scorer(prompts, answers), dtype=torch.float32, device=device) * cfg.reward_scale
+    return Rollout(seqs, attn, mask, width, scores)
+
+
+def score(policy, value_head: ValueHead, ro: Rollout, cfg: Config, kl_beta: float, autocast) -> Scored:  # noqa: ANN001
+    """Old log-probs and values, the reference's log-probs (same weights, adapter disabled), the
+    KL-shaped rewards and their GAE advantages."""
+    with torch.no_grad(), autocast():
+        old_logp, old_values = forward_response(policy, value_head, ro.seqs, ro.attn, ro.prompt_width, cfg.temperature)
+        with policy.disable_adapter():
+            ref_logp, _ = forward_response(policy, None, ro.seqs, ro.attn, ro.prompt_width, cfg.temperature)
+    old_logp, old_values, ref_logp = (t.float() * ro.mask for t in (old_logp, old_values, ref_logp))
+    rewards, kl = ppo_math.shaped_rewards(ro.scores, old_logp, ref_logp, ro.mask, kl_beta)
+    advantages, returns = ppo_math.gae(rewards, old_values, ro.mask, cfg.gamma, cfg.lam)
+    if cfg.whiten_advantages:
+        advantages = ppo_math.whiten(advantages, ro.mask)
+    return Scored(old_logp, old_values, advantages, returns, kl)
+
+
+def update(policy, value_head: ValueHead, optimizer: torch.optim.Optimizer, ro: Rollout, sc: Scored,  # noqa: ANN001
+           cfg: Config, autocast) -> dict[str, float]:  # noqa: ANN001
+    """PPO epochs over shuffled minibatches (clipped policy and value losses); mean of each statistic."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    policy.train()
+    stats: dict[str, list[float]] = {"policy_loss": [], "value_loss": [], "clipfrac": [], "approx_kl": [],
+                                     "vf_clipfrac": []}
+    for _ in range(cfg.ppo_epochs):
+        for mb in torch.randperm(ro.seqs.size(0), device=ro.seqs.device).split(cfg.minibatch_size):
+            with autocast():
+                logp, values = forward_response(policy, value_head, ro.seqs[mb], ro.attn[mb], ro.prompt_width,
+                                                cfg.temperature)
+            pl, pstats = ppo_math.policy_loss(logp.float(), sc.old_logp[mb], sc.advantages[mb], ro.mask[mb],
+                                              cfg.clip_range)
+            vl, vstats = ppo_math.value_loss(values.float(), sc.old_values[mb], sc.returns[mb], ro.mask[mb],
+                                             cfg.value_clip)
+            optimizer.zero_grad(set_to_none=True)
+            (pl + cfg.vf_coef * vl).backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            for k, v in {"policy_loss": pl, "value_loss": vl, **pstats, **vstats}.items():
+                stats[k].append(float(v.detach()))
+    return {k: sum(v) / max(len(v), 1) for k, v in stats.items()}
+
+
 # --- the job ----------------------------------------------------------------------------------------------
 
-def main(cfg: Config) -> dict[str, Any]:
+def load_policy(cfg: Config, start: common.StartPoint, device: torch.device):  # -> (policy, value_head, tokenizer)
+    """Base + LoRA (continued from `start`, or fresh) and a value head on the base's hidden states."""
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    version = common.resolve_version(cfg.dataset_version)
-    out = Path(cfg.output_dir) if cfg.output_dir else common.default_output_dir("ppo", version, cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    common.set_threads(cfg.threads)
-    hw = common.detect_hardware(cfg.precision)
-    device = torch.device("cuda" if hw.device == "cuda" else "cpu")
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(hw.precision)
-
-    prompts = prompts_of(version, cfg.max_prompts, cfg.seed)
-    scorer = load_reward(cfg.reward_model)
     base_path = endpoints.model_path(cfg.base_model)
     tokenizer = AutoTokenizer.from_pretrained(base_path)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    eos_id = tokenizer.eos_token_id
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
-    start = common.resolve_start(cfg.init_from, cfg.registry_model, cfg.base_model, out / "start")
     if start.adapter_dir is not None:
         policy = PeftModel.from_pretrained(base, str(start.adapter_dir), is_trainable=True)
     else:
-        policy = get_peft_model(base, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha,
-                                                 lora_dropout=cfg.lora.dropout,
+        policy = get_peft_model(base, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                                                  target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM"))
-    policy.to(device)
-    value_head = ValueHead(base.config.hidden_size).to(device)
+    return policy.to(device), ValueHead(base.config.hidden_size).to(device), tokenizer
+
+
+def iteration_record(it: int, ro: Rollout, sc: Scored, stats: dict[str, float], beta: float, seconds: float,
+                     cfg: Config, hw: common.Hardware) -> dict[str, float]:
+    """One row of the run's history (and its MLflow metrics at step it + 1)."""
+    return {"step": float(it + 1), "reward_mean": float(ro.scores.mean()), "reward_std": float(ro.scores.std()),
+            "kl": float(sc.kl.sum(dim=1).mean()), "kl_coef": beta, "response_tokens": float(ro.mask.sum(dim=1).mean()),
+            "non_score_reward": float((-beta * sc.kl).sum(dim=1).mean()),
+            "tokens": float(ro.attn.sum()), "tokens_per_s": float(ro.attn.sum()) * (1 + cfg.ppo_epochs) / max(seconds, 1e-9),
+            "peak_memory_mb": common.peak_memory_mb(hw.device), **stats}
+
+
+def summary(history: list[dict[str, float]], cfg: Config, final_beta: float, seconds: float,
+            hw: common.Hardware) -> dict[str, float]:
+    """Means over the first and last quarter of the iterations (single batches are noisy), KL, time."""
+    q = max(1, cfg.iterations // 4)
+    first, last = history[:q], history[-q:]
+
+    def mean(rows: list[dict[str, float]], key: str) -> float:
+        return sum(h[key] for h in rows) / len(rows)
+
+    final = {"reward_first": mean(first, "reward_mean"), "reward_last": mean(last, "reward_mean"),
+             "kl_last": mean(last, "kl"), "kl_max": max(h["kl"] for h in history),
+             "value_loss_last": mean(last, "value_loss"), "kl_coef_final": final_beta, "train_seconds": seconds,
+             "tokens_total": sum(h["tokens"] for h in history), "peak_memory_mb": common.peak_memory_mb(hw.device)}
+    final["kl_within_budget"] = float(final["kl_last"] <= cfg.kl_budget)
+    return final
+
+
+def finish(policy, value_head: ValueHead, run, out: Path, cfg: Config, version: str, start: common.StartPoint,  # noqa: ANN001
+           history: list[dict[str, float]], final: dict[str, float]) -> dict[str, Any]:
+    """Curves, adapter + sidecar (with the reward model's version: evaluation must not judge with it),
+    registration and result.json."""
+    import mlflow
+
+    (out / "history.json").write_text(json.dumps(history, indent=1))
+    plot = common.plot_curves(history, ["reward_mean", "kl", "kl_coef", "value_loss", "policy_loss"],
+                              out / "ppo_curves.png", f"PPO {version} ({cfg.reward_model})")
+    if plot:
+        mlflow.log_artifact(str(plot), "plots")
+    adapter_dir = out / "adapter"
+    policy.save_pretrained(str(adapter_dir))
+    torch.save(value_head.state_dict(), out / "value_head.pt")  # not part of the served adapter
+    common.write_sidecar(adapter_dir, trainer="ppo", cfg=cfg, base_model=cfg.base_model,
+                         base_model_path=endpoints.model_path(cfg.base_model), dataset_version=version,
+                         extra={"start_adapter": start.label, "reward_model": cfg.reward_model,
+                                "reward_model_version": reward_model_version(cfg.reward_model)})
+    result: dict[str, Any] = {"run_id": run.info.run_id, "adapter_dir": str(adapter_dir), "dataset_version": version,
+                              "base_model": cfg.base_model, "start_adapter": start.label, "trainer": "ppo",
+                              "metrics": final, "model_version": None, "model_uri": None}
+    if cfg.register:
+        ref = registry.register_adapter(adapter_dir, run.info.run_id, name=cfg.registry_model,
+                                        alias=cfg.registry_alias or None, tags={"trainer": "ppo", "dataset_version": version})
+        result.update(model_version=ref.version, model_uri=ref.uri, model_label=ref.label)
+    (out / "result.json").write_text(json.dumps(result, indent=2, sort_keys=True, default=str))
+    return result
+
+
+def main(cfg: Config) -> dict[str, Any]:
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    version = common.resolve_version(cfg.dataset_version)
+    out = Path(cfg.output_dir) if cfg.output_dir else common.default_output_dir("ppo", version, cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    if (done := common.finished_result(out, cfg.force)) is not None:
+        return done  # a DAG retry of a finished run changes nothing
+    common.set_threads(cfg.threads)
+    hw = common.detect_hardware(cfg.precision)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(hw.precision)
+    device = torch.device("cuda" if hw.device == "cuda" else "cpu")
+
+    def autocast():  # noqa: ANN202
+        return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+    prompts = prompts_of(version, cfg.max_prompts, cfg.seed)
+    scorer = load_reward(cfg.reward_model)
+    start = common.resolve_start(cfg.init_from, cfg.registry_model, cfg.base_model, out / "start")
+    policy, value_head, tokenizer = load_policy(cfg, start, device)
     params = [p for p in policy.parameters() if p.requires_grad] + list(value_head.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, eps=1e-6)
     kl_ctl = ppo_math.AdaptiveKLController(cfg.init_kl_coef, cfg.kl_target, cfg.kl_horizon)
-
-    def autocast():
-        return torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None)
-
-    history: list[dict[str, float]] = []
     tags = {"trainer": "ppo", "dataset_version": version, "base_model": cfg.base_model, "reward": cfg.reward_model,
             "start": start.label, **hw.tags()}
     with common.start_mlflow_run(cfg.experiment, cfg.run_name or f"ppo-{version}", out, tags) as run:
         import mlflow
 
-        common.log_config(cfg, {"base_model_path": base_path, "hardware": hw.name, "n_prompts": len(prompts)})
+        common.log_config(cfg, {"hardware": hw.name, "n_prompts": len(prompts)})
+        history: list[dict[str, float]] = []
         t_start = time.perf_counter()
-        tokens_total = 0
         for it in tqdm(range(cfg.iterations), desc="PPO iterations"):
             t0 = time.perf_counter()
-            batch_prompts = [prompts[(it * cfg.rollout_batch + i) % len(prompts)] for i in range(cfg.rollout_batch)]
-            enc = tokenizer.apply_chat_template(batch_prompts, add_generation_prompt=True, return_tensors="pt",
-                                                padding=True, return_dict=True).to(device)
-            prompt_width = enc["input_ids"].shape[1]
-
-            # 1. Rollout: sample answers with the current policy.
-            policy.eval()
-            with torch.no_grad(), autocast():
-                seqs = policy.generate(**enc, do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0,
-                                       max_new_tokens=cfg.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                       eos_token_id=eos_id)
-            response = seqs[:, prompt_width:]
-            mask = response_mask(response, eos_id)
-            attn = torch.cat([enc["attention_mask"], mask.long()], dim=1)
-            answers = [tokenizer.decode(r[m.bool()], skip_special_tokens=True) for r, m in zip(response, mask, strict=True)]
-            scores = torch.tensor(scorer(batch_prompts, answers), dtype=torch.float32, device=device) * cfg.reward_scale
-
-            # 2. Old log-probs, values and the reference (same weights, adapter disabled).
-            with torch.no_grad(), autocast():
-                old_logp, old_values = forward_response(policy, value_head, seqs, attn, prompt_width, cfg.temperature)
-                with policy.disable_adapter():
-                    ref_logp, _ = forward_response(policy, None, seqs, attn, prompt_width, cfg.temperature)
-            old_logp, old_values, ref_logp = old_logp.float() * mask, old_values.float() * mask, ref_logp.float() * mask
-            rewards, kl = ppo_math.shaped_rewards(scores, old_logp, ref_logp, mask, kl_ctl.beta)
-            advantages, returns = ppo_math.gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
-            if cfg.whiten_advantages:
-                advantages = ppo_math.whiten(advantages, mask)
-
-            # 3. PPO epochs over shuffled minibatches.
-            policy.train()
-            stats: dict[str, list[float]] = {"policy_loss": [], "value_loss": [], "clipfrac": [], "approx_kl": [],
-                                             "vf_clipfrac": []}
-            for _ in range(cfg.ppo_epochs):
-                order = torch.randperm(seqs.size(0), device=device)
-                for mb in order.split(cfg.minibatch_size):
-                    with autocast():
-                        logp, values = forward_response(policy, value_head, seqs[mb], attn[mb], prompt_width,
-                                                        cfg.temperature)
-                    pl, pstats = ppo_math.policy_loss(logp.float(), old_logp[mb], advantages[mb], mask[mb],
-                                                      cfg.clip_range)
-                    vl, vstats = ppo_math.value_loss(values.float(), old_values[mb], returns[mb], mask[mb],
-                                                     cfg.value_clip)
-                    optimizer.zero_grad(set_to_none=True)
-                    (pl + cfg.vf_coef * vl).backward()
-                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                    optimizer.step()
-                    for k, v in {"policy_loss": pl, "value_loss": vl, **pstats, **vstats}.items():
-                        stats[k].append(float(v.detach()))
-
-            seq_kl = float(kl.sum(dim=1).mean())
-            beta_used = kl_ctl.beta
+            batch = [prompts[(it * cfg.rollout_batch + i) % len(prompts)] for i in range(cfg.rollout_batch)]
+            ro = rollout(policy, tokenizer, scorer, batch, cfg, autocast)
+            sc = score(policy, value_head, ro, cfg, kl_ctl.beta, autocast)
+            stats = update(policy, value_head, optimizer, ro, sc, cfg, autocast)
+            history.append(iteration_record(it, ro, sc, stats, kl_ctl.beta, time.perf_counter() - t0, cfg, hw))
             if cfg.adaptive_kl:
-                kl_ctl.update(seq_kl, cfg.rollout_batch)
-            n_tokens = int(attn.sum())
-            tokens_total += n_tokens
-            row = {"step": float(it + 1), "reward_mean": float(scores.mean()), "reward_std": float(scores.std()),
-                   "kl": seq_kl, "kl_coef": beta_used, "response_tokens": float(mask.sum(dim=1).mean()),
-                   "non_score_reward": float((-beta_used * kl).sum(dim=1).mean()),
-                   "tokens_per_s": n_tokens * (1 + cfg.ppo_epochs) / max(time.perf_counter() - t0, 1e-9),
-                   "peak_memory_mb": common.peak_memory_mb(hw.device),
-                   **{k: sum(v) / max(len(v), 1) for k, v in stats.items()}}
-            history.append(row)
-            mlflow.log_metrics({k: v for k, v in row.items() if k != "step"}, step=it + 1)
-
-        # Summary: means over the first and last quarter of iterations (single batches are noisy).
-        q = max(1, cfg.iterations // 4)
-        first, last = history[:q], history[-q:]
-        final = {"reward_first": sum(h["reward_mean"] for h in first) / len(first),
-                 "reward_last": sum(h["reward_mean"] for h in last) / len(last),
-                 "kl_last": sum(h["kl"] for h in last) / len(last), "kl_max": max(h["kl"] for h in history),
-                 "value_loss_last": sum(h["value_loss"] for h in last) / len(last),
-                 "kl_coef_final": kl_ctl.beta, "train_seconds": time.perf_counter() - t_start,
-                 "tokens_total": float(tokens_total), "peak_memory_mb": common.peak_memory_mb(hw.device)}
-        final["kl_within_budget"] = float(final["kl_last"] <= cfg.kl_budget)
+                kl_ctl.update(history[-1]["kl"], cfg.rollout_batch)
+            mlflow.log_metrics({k: v for k, v in history[-1].items() if k != "step"}, step=it + 1)
+        final = summary(history, cfg, kl_ctl.beta, time.perf_counter() - t_start, hw)
         mlflow.log_metrics(final, step=cfg.iterations)
-        (out / "history.json").write_text(json.dumps(history, indent=1))
-        plot = common.plot_curves(history, ["reward_mean", "kl", "kl_coef", "value_loss", "policy_loss"],
-                                  out / "ppo_curves.png", f"PPO {version} ({cfg.reward_model})")
-        if plot:
-            mlflow.log_artifact(str(plot), "plots")
-
-        adapter_dir = out / "adapter"
-        policy.save_pretrained(str(adapter_dir))
-        torch.save(value_head.state_dict(), out / "value_head.pt")  # not part of the served adapter
-        common.write_sidecar(adapter_dir, trainer="ppo", cfg=cfg, base_model=cfg.base_model,
-                             base_model_path=base_path, dataset_version=version,
-                             extra={"start_adapter": start.label, "reward_model": cfg.reward_model,
-                                    "reward_model_version": reward_model_version(cfg.reward_model)})
-        result: dict[str, Any] = {"run_id": run.info.run_id, "adapter_dir": str(adapter_dir), "dataset_version": version,
-                                  "base_model": cfg.base_model, "start_adapter": start.label, "trainer": "ppo",
-                                  "metrics": final, "model_version": None, "model_uri": None}
-        if cfg.register:
-            ref = registry.register_adapter(adapter_dir, run.info.run_id, name=cfg.registry_model,
-                                            alias=cfg.registry_alias or None,
-                                            tags={"trainer": "ppo", "dataset_version": version})
-            result.update(model_version=ref.version, model_uri=ref.uri, model_label=ref.label)
-    (out / "result.json").write_text(json.dumps(result, indent=2, sort_keys=True, default=str))
-    common.emit_result(result)
+        result = finish(policy, value_head, run, out, cfg, version, start, history, final)
+    common.emit_result(result)  # after the run closed (MLflow prints its links when a run ends)
     return result
 
 
