@@ -37,7 +37,7 @@ from itertools import accumulate
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -605,6 +605,217 @@ class CatchAll:
                 time.perf_counter() - t0)
 
 
+# --- routes: thin handlers over the Service; each reads it from app.state --------------------------------
+
+routes = APIRouter()
+
+
+def _service(request: Request) -> Service:
+    return request.app.state.service
+
+
+def tenant_of(service: Service, request: Request) -> str | None:
+    """The calling app's tenant from `Authorization: Bearer <key>`; None while no keys are set."""
+    if not service.keys.required:
+        return None
+    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    tenant = service.keys.tenant(key.strip()) if scheme.lower() == "bearer" and key.strip() else None
+    if tenant is None:
+        raise ApiError(401, "a valid API key is required: send the header 'Authorization: Bearer <key>'",
+                       code="invalid_api_key")
+    return tenant
+
+
+def _body_schema(name: str) -> dict:
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}}}
+
+
+@routes.get("/", include_in_schema=False)
+async def chat_page() -> FileResponse:
+    return FileResponse(STATIC / "index.html", media_type="text/html")
+
+
+@routes.get("/healthz")
+async def healthz(request: Request) -> dict:
+    service = _service(request)
+    return {"status": "ok", "base_model": service.cfg.model.base, "served_name": service.served_name,
+            "uptime_s": round(time.time() - service.started, 1), "adapters": service.router.state(),
+            "events": service.publisher.state(), "backend": service.backend.state(),
+            "api_keys_required": service.keys.required}
+
+
+@routes.get("/metrics")
+async def prometheus_metrics(request: Request) -> Response:
+    return Response(_service(request).metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+def model_cards(service: Service) -> list[dict]:
+    """/v1/models: the base, the routed name, and every loaded adapter with the aliases it holds."""
+    created = int(service.started)
+    data = [{"id": service.served_name, "object": "model", "created": created, "owned_by": "flywheel"},
+            {"id": ROUTED_MODEL, "object": "model", "created": created, "owned_by": "flywheel",
+             "parent": service.served_name, "root": service.served_name,
+             "description": "routed: the champion adapter (or the A/B challenger), else the base"}]
+    aliased = service.router.routes
+    for s in sorted(service.router.loaded.values(), key=lambda s: int(s.ref.version)):
+        aliases = [a for a, r in (("champion", aliased.champion), ("challenger", aliased.challenger))
+                   if r is not None and r.name == s.name]
+        data.append({"id": s.label, "object": "model", "created": created, "owned_by": "flywheel",
+                     "parent": service.served_name, "root": service.served_name, "aliases": aliases})
+    return data
+
+
+@routes.get("/v1/models")
+async def models(request: Request) -> dict:
+    tenant_of(_service(request), request)
+    return {"object": "list", "data": model_cards(_service(request))}
+
+
+@routes.get("/v1/models/{model_id:path}")
+async def model(request: Request, model_id: str) -> dict:
+    service = _service(request)
+    tenant_of(service, request)
+    for card in model_cards(service):
+        if card["id"] == model_id:
+            return card
+    raise ApiError(404, f"model {model_id!r} is not served here; use one of "
+                        f"{', '.join(service.model_names())} (GET /v1/models)", code="model_not_found", param="model")
+
+
+@routes.post("/v1/chat/completions", openapi_extra=_body_schema("ChatIn"))
+async def chat(request: Request):  # noqa: ANN201
+    service = _service(request)
+    tenant = tenant_of(service, request)
+    raw = await _read_json(request, service.cfg.http.max_body_bytes, service.cfg.http)
+    try:
+        req = ChatIn.model_validate(raw)
+    except ValidationError as e:
+        raise ApiError(422, _describe(e), code="invalid_fields") from None
+    if req.stream:
+        return _stream_chat(service, req, tenant)
+    created = int(time.time())
+    finals, meta = service.begin_chat(req, tenant)
+    outcomes = await _await_unless_gone(request, finals, meta["cancel"])
+    if outcomes is None:  # the client is gone; nobody reads this
+        return Response(status_code=499)
+    choices = [{"index": i, "message": {"role": "assistant", "content": result.text},
+                "finish_reason": result.finish_reason, "logprobs": _logprobs(result), **extras}
+               for i, (result, extras) in enumerate(outcomes)]
+    return {"id": meta["response_id"], "object": "chat.completion", "created": created, "model": meta["model"],
+            "system_fingerprint": None, "choices": choices, "usage": _usage([r for r, _ in outcomes]),
+            **outcomes[0][1]}
+
+
+def _stream_chat(service: Service, req: ChatIn, tenant: str | None) -> StreamingResponse:
+    """Start the generations with a callback that forwards every text delta, in order, from the engine's
+    thread to this event loop; the response streams them as SSE chunks (`_sse`)."""
+    loop = asyncio.get_running_loop()
+    # (choice index, text, log-prob entries) per delta; (choice index, None, None) when it ends
+    deltas: asyncio.Queue[tuple[int, str | None, list | None]] = asyncio.Queue()
+    t0 = time.perf_counter()
+    first = [True]
+
+    def on_delta(index: int, text: str, entries: list | None = None) -> None:  # worker thread -> loop, in order
+        if first[0]:
+            first[0] = False
+            service.metrics.first_token_seconds.observe(time.perf_counter() - t0)
+        loop.call_soon_threadsafe(deltas.put_nowait, (index, text, entries))
+
+    finals, meta = service.begin_chat(req, tenant, on_delta)
+    for i, final in enumerate(finals):
+        final.add_done_callback(lambda _f, i=i: loop.call_soon_threadsafe(deltas.put_nowait, (i, None, None)))
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    return StreamingResponse(_sse(finals, meta, deltas, int(time.time()), include_usage, service.cfg.http.sse_keepalive_s),
+                             media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+async def _sse(finals: list[Future], meta: dict, deltas: asyncio.Queue, created: int, include_usage: bool,
+               keepalive: float):  # noqa: ANN202 - an async generator of SSE lines
+    """The SSE body: a role chunk per choice, then text chunks as they come, each choice's finish chunk,
+    the usage chunk if asked, [DONE]. Keep-alive comments while nothing comes; a client that leaves
+    early cancels the rows still generating."""
+    rid, model = meta["response_id"], meta["model"]
+    open_choices = set(range(len(finals)))
+    getter: asyncio.Future | None = None
+    try:
+        for i in range(len(finals)):
+            yield _chunk(rid, model, created, {"role": "assistant", "content": ""}, index=i)
+        while open_choices:
+            # One get outlives the keep-alive timeouts, so a delta can never be lost to one.
+            getter = getter or asyncio.ensure_future(deltas.get())
+            if not (await asyncio.wait({getter}, timeout=keepalive))[0]:
+                # An SSE comment: proxies and clients see a live stream while the answer waits
+                # (for a batch slot, say); clients skip it.
+                yield ": keep-alive\n\n"
+                continue
+            (index, text, entries), getter = getter.result(), None
+            if text is not None:
+                yield _chunk(rid, model, created, {"content": text}, index=index, logprobs=entries)
+                continue
+            open_choices.discard(index)
+            try:
+                result, extras = finals[index].result()
+            except Exception as e:  # noqa: BLE001 - the status line is gone; say it in the stream
+                yield f"data: {json.dumps(_error_body(str(e), 'server_error', 'internal_error'))}\n\n"
+                yield "data: [DONE]\n\n"
+                return
+            yield _chunk(rid, model, created, {}, finish=result.finish_reason, extras=extras, index=index)
+        if include_usage:
+            body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [],
+                    "usage": _usage([f.result()[0] for f in finals]), **finals[0].result()[1]}
+            yield f"data: {json.dumps(body)}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        if getter is not None:
+            getter.cancel()
+        # Closed early (the client disconnected, or the server stops): free the batch rows.
+        if open_choices:
+            meta["cancel"].set()
+
+
+@routes.post("/v1/feedback", status_code=202, openapi_extra=_body_schema("FeedbackIn"))
+async def feedback(request: Request):  # noqa: ANN201
+    service = _service(request)
+    tenant = tenant_of(service, request)
+    raw = await _read_json(request, service.cfg.http.max_feedback_bytes, service.cfg.http)
+    try:
+        fb = FeedbackIn.model_validate(raw)
+    except ValidationError as e:
+        raise ApiError(422, _describe(e), code="invalid_fields") from None
+    claims = service.verify_feedback(fb, tenant, request.client.host if request.client else "unknown")
+    if not service.feedback_limit.allow(_user_key(tenant, fb.user)):
+        raise ApiError(429, f"user {fb.user} sent too much feedback; limit is "
+                            f"{service.cfg.http.feedback_per_minute:g}/minute", code="rate_limit_exceeded")
+    fingerprint = json.dumps(fb.model_dump(), sort_keys=True)
+    if fb.event_id and (seen := service.feedback_events.get(fb.event_id)) is not None:
+        return _replay(seen, fingerprint, fb.event_id)
+    event_id = fb.event_id or f"fb-{uuid.uuid4().hex}"
+    try:
+        event = FeedbackEvent(event_id=event_id, created_at=now(), user_id=fb.user,
+                              conversation_id=claims.conversation_id, response_id=fb.response_id,
+                              adapter_version=claims.adapter_version, kind=fb.kind, edited_text=fb.edited_text,
+                              dwell_seconds=fb.dwell_seconds, comment=fb.comment, tenant=claims.tenant)
+    except ValidationError as e:
+        raise ApiError(422, _describe(e), code="invalid_fields") from None
+    answer = {"event_id": event_id, "status": "accepted"}
+    stored = service.feedback_events.setdefault(event_id, (fingerprint, answer))
+    if stored[1] is not answer:  # a concurrent duplicate won the race: it published, we do not
+        return _replay(stored, fingerprint, event_id)
+    service.publisher.publish(service.topics["feedback"].name, fb.response_id, encode_event(event))
+    service.metrics.feedback.labels(fb.kind, version_label(claims.adapter_version)).inc()
+    return JSONResponse(answer, status_code=202)
+
+
+def _replay(seen: tuple[str, dict], fingerprint: str, event_id: str) -> JSONResponse:
+    if seen[0] != fingerprint:
+        raise ApiError(409, f"event_id {event_id} was already used for different feedback; use a new "
+                            f"event_id per feedback", code="event_id_conflict", param="event_id")
+    return JSONResponse(seen[1], status_code=202, headers={"Idempotent-Replayed": "true"})
+
+
+# --- the app --------------------------------------------------------------------------------------------
+
 def create_app(service: Service) -> FastAPI:
     app = FastAPI(title="Flywheel assistant", version="1", docs_url="/docs", redoc_url=None)
     app.state.service = service
@@ -626,200 +837,22 @@ def create_app(service: Service) -> FastAPI:
         return JSONResponse(_error_body(str(e.detail), "invalid_request_error", code), status_code=e.status_code,
                             headers=getattr(e, "headers", None))
 
-    def tenant_of(request: Request) -> str | None:
-        """The calling app's tenant from `Authorization: Bearer <key>`; None while no keys are set."""
-        if not service.keys.required:
-            return None
-        scheme, _, key = request.headers.get("authorization", "").partition(" ")
-        tenant = service.keys.tenant(key.strip()) if scheme.lower() == "bearer" and key.strip() else None
-        if tenant is None:
-            raise ApiError(401, "a valid API key is required: send the header 'Authorization: Bearer <key>'",
-                           code="invalid_api_key")
-        return tenant
-
-    @app.get("/", include_in_schema=False)
-    async def chat_page() -> FileResponse:
-        return FileResponse(STATIC / "index.html", media_type="text/html")
-
-    @app.get("/healthz")
-    async def healthz() -> dict:
-        return {"status": "ok", "base_model": service.cfg.model.base, "served_name": service.served_name,
-                "uptime_s": round(time.time() - service.started, 1), "adapters": service.router.state(),
-                "events": service.publisher.state(), "backend": service.backend.state(),
-                "api_keys_required": service.keys.required}
-
-    @app.get("/metrics")
-    async def prometheus_metrics() -> Response:
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    def model_cards() -> list[dict]:
-        created = int(service.started)
-        data = [{"id": service.served_name, "object": "model", "created": created, "owned_by": "flywheel"},
-                {"id": ROUTED_MODEL, "object": "model", "created": created, "owned_by": "flywheel",
-                 "parent": service.served_name, "root": service.served_name,
-                 "description": "routed: the champion adapter (or the A/B challenger), else the base"}]
-        routes = service.router.routes
-        for s in sorted(service.router.loaded.values(), key=lambda s: int(s.ref.version)):
-            aliases = [a for a, r in (("champion", routes.champion), ("challenger", routes.challenger))
-                       if r is not None and r.name == s.name]
-            data.append({"id": s.label, "object": "model", "created": created, "owned_by": "flywheel",
-                         "parent": service.served_name, "root": service.served_name, "aliases": aliases})
-        return data
-
-    @app.get("/v1/models")
-    async def models(request: Request) -> dict:
-        tenant_of(request)
-        return {"object": "list", "data": model_cards()}
-
-    @app.get("/v1/models/{model_id:path}")
-    async def model(request: Request, model_id: str) -> dict:
-        tenant_of(request)
-        for card in model_cards():
-            if card["id"] == model_id:
-                return card
-        raise ApiError(404, f"model {model_id!r} is not served here; use one of "
-                            f"{', '.join(service.model_names())} (GET /v1/models)", code="model_not_found",
-                       param="model")
-
-    def body_schema(name: str) -> dict:
-        return {"requestBody": {"required": True, "content": {
-            "application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}}}
-
-    @app.post("/v1/chat/completions", openapi_extra=body_schema("ChatIn"))
-    async def chat(request: Request):  # noqa: ANN202
-        tenant = tenant_of(request)
-        raw = await _read_json(request, service.cfg.http.max_body_bytes, service.cfg.http)
-        try:
-            req = ChatIn.model_validate(raw)
-        except ValidationError as e:
-            raise ApiError(422, _describe(e), code="invalid_fields") from None
-        created = int(time.time())
-        if not req.stream:
-            finals, meta = service.begin_chat(req, tenant)
-            outcomes = await _await_unless_gone(request, finals, meta["cancel"])
-            if outcomes is None:  # the client is gone; nobody reads this
-                return Response(status_code=499)
-            results = [r for r, _ in outcomes]
-            choices = [{"index": i, "message": {"role": "assistant", "content": result.text},
-                        "finish_reason": result.finish_reason, "logprobs": _logprobs(result), **extras}
-                       for i, (result, extras) in enumerate(outcomes)]
-            return {"id": meta["response_id"], "object": "chat.completion", "created": created,
-                    "model": meta["model"], "system_fingerprint": None, "choices": choices,
-                    "usage": _usage(results), **outcomes[0][1]}
-        loop = asyncio.get_running_loop()
-        # (choice index, text, log-prob entries) per delta; (choice index, None, None) when it ends
-        deltas: asyncio.Queue[tuple[int, str | None, list | None]] = asyncio.Queue()
-        t0 = time.perf_counter()
-        first = [True]
-
-        def on_delta(index: int, text: str, entries: list | None = None) -> None:  # worker thread -> loop, in order
-            if first[0]:
-                first[0] = False
-                metrics.first_token_seconds.observe(time.perf_counter() - t0)
-            loop.call_soon_threadsafe(deltas.put_nowait, (index, text, entries))
-
-        finals, meta = service.begin_chat(req, tenant, on_delta)
-        for i, final in enumerate(finals):
-            final.add_done_callback(lambda _f, i=i: loop.call_soon_threadsafe(deltas.put_nowait, (i, None, None)))
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        keepalive = service.cfg.http.sse_keepalive_s
-
-        async def events():  # noqa: ANN202
-            rid, model = meta["response_id"], meta["model"]
-            open_choices = set(range(len(finals)))
-            getter: asyncio.Future | None = None
-            try:
-                for i in range(len(finals)):
-                    yield _chunk(rid, model, created, {"role": "assistant", "content": ""}, index=i)
-                while open_choices:
-                    # One get outlives the keep-alive timeouts, so a delta can never be lost to one.
-                    getter = getter or asyncio.ensure_future(deltas.get())
-                    if not (await asyncio.wait({getter}, timeout=keepalive))[0]:
-                        # An SSE comment: proxies and clients see a live stream while the answer waits
-                        # (for a batch slot, say); clients skip it.
-                        yield ": keep-alive\n\n"
-                        continue
-                    (index, text, entries), getter = getter.result(), None
-                    if text is not None:
-                        yield _chunk(rid, model, created, {"content": text}, index=index, logprobs=entries)
-                        continue
-                    open_choices.discard(index)
-                    try:
-                        result, extras = finals[index].result()
-                    except Exception as e:  # noqa: BLE001 - the status line is gone; say it in the stream
-                        yield f"data: {json.dumps(_error_body(str(e), 'server_error', 'internal_error'))}\n\n"
-                        yield "data: [DONE]\n\n"
-                        return
-                    yield _chunk(rid, model, created, {}, finish=result.finish_reason, extras=extras, index=index)
-                if include_usage:
-                    results = [f.result()[0] for f in finals]
-                    body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                            "choices": [], "usage": _usage(results), **finals[0].result()[1]}
-                    yield f"data: {json.dumps(body)}\n\n"
-                yield "data: [DONE]\n\n"
-            finally:
-                if getter is not None:
-                    getter.cancel()
-                # Closed early (the client disconnected, or the server stops): free the batch rows.
-                if open_choices:
-                    meta["cancel"].set()
-
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    @app.post("/v1/feedback", status_code=202, openapi_extra=body_schema("FeedbackIn"))
-    async def feedback(request: Request):  # noqa: ANN202
-        tenant = tenant_of(request)
-        raw = await _read_json(request, service.cfg.http.max_feedback_bytes, service.cfg.http)
-        try:
-            fb = FeedbackIn.model_validate(raw)
-        except ValidationError as e:
-            raise ApiError(422, _describe(e), code="invalid_fields") from None
-        claims = service.verify_feedback(fb, tenant, request.client.host if request.client else "unknown")
-        if not service.feedback_limit.allow(_user_key(tenant, fb.user)):
-            raise ApiError(429, f"user {fb.user} sent too much feedback; limit is "
-                                f"{service.cfg.http.feedback_per_minute:g}/minute", code="rate_limit_exceeded")
-        fingerprint = json.dumps(fb.model_dump(), sort_keys=True)
-        if fb.event_id:
-            seen = service.feedback_events.get(fb.event_id)
-            if seen is not None:
-                return _replay(seen, fingerprint, fb.event_id)
-        event_id = fb.event_id or f"fb-{uuid.uuid4().hex}"
-        try:
-            event = FeedbackEvent(event_id=event_id, created_at=now(), user_id=fb.user,
-                                  conversation_id=claims.conversation_id, response_id=fb.response_id,
-                                  adapter_version=claims.adapter_version, kind=fb.kind, edited_text=fb.edited_text,
-                                  dwell_seconds=fb.dwell_seconds, comment=fb.comment, tenant=claims.tenant)
-        except ValidationError as e:
-            raise ApiError(422, _describe(e), code="invalid_fields") from None
-        answer = {"event_id": event_id, "status": "accepted"}
-        stored = service.feedback_events.setdefault(event_id, (fingerprint, answer))
-        if stored[1] is not answer:  # a concurrent duplicate won the race: it published, we do not
-            return _replay(stored, fingerprint, event_id)
-        service.publisher.publish(service.topics["feedback"].name, fb.response_id, encode_event(event))
-        metrics.feedback.labels(fb.kind, version_label(claims.adapter_version)).inc()
-        return JSONResponse(answer, status_code=202)
-
-    def _replay(seen: tuple[str, dict], fingerprint: str, event_id: str) -> JSONResponse:
-        if seen[0] != fingerprint:
-            raise ApiError(409, f"event_id {event_id} was already used for different feedback; use a new "
-                                f"event_id per feedback", code="event_id_conflict", param="event_id")
-        return JSONResponse(seen[1], status_code=202, headers={"Idempotent-Replayed": "true"})
-
-    def openapi() -> dict:
-        """FastAPI's schema plus the request bodies this module validates itself (for clients and fuzzers)."""
-        if app.openapi_schema is None:
-            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
-            components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for model in (ChatIn, FeedbackIn):
-                js = model.model_json_schema(ref_template="#/components/schemas/{model}")
-                components.update(js.pop("$defs", {}))
-                components[model.__name__] = js
-            if service.keys.required:
-                schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
-                schema["security"] = [{"bearer": []}]
-            app.openapi_schema = schema
-        return app.openapi_schema
-
-    app.openapi = openapi
+    app.include_router(routes)
+    app.openapi = functools.partial(openapi, app, service)
     return app
+
+
+def openapi(app: FastAPI, service: Service) -> dict:
+    """FastAPI's schema plus the request bodies this module validates itself (for clients and fuzzers)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for body in (ChatIn, FeedbackIn):
+            js = body.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(js.pop("$defs", {}))
+            components[body.__name__] = js
+        if service.keys.required:
+            schema["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+            schema["security"] = [{"bearer": []}]
+        app.openapi_schema = schema
+    return app.openapi_schema
