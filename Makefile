@@ -14,7 +14,7 @@ help:  ## list the targets
 setup:  ## create/refresh .venv and .venv-airflow from the locks (skipped when unchanged)
 	@bash infra/setup.sh
 
-lock:  ## re-resolve infra/requirements.in into infra/requirements.lock (after changing dependencies)
+lock:  ## re-resolve pyproject.toml (with its dev extra) into infra/requirements*.lock, with hashes
 	@bash infra/lock.sh
 
 models: setup  ## provision SmolLM2-135M-Instruct, the tiny test model and MiniLM under var/models
