@@ -38,6 +38,129 @@ from _flywheel import DEFAULT_ARGS, answer, build_dataset_command, job, retrain_
 MODEL = "flywheel-assistant"
 
 
+# --- the tasks (each runs one job; wired together in the DAG below) ---------------------------------
+
+@task.bash
+def build_dataset() -> str:
+    return build_dataset_command(get_current_context())
+
+@task
+def plan(built: str) -> dict:
+    p = get_current_context()["params"]
+    decided = retrain_plan(answer(built), sft_first=bool(p["sft_first"]))
+    print(f"plan: {decided}")
+    return decided
+
+@task.branch
+def enough_feedback(planned: dict) -> list[str] | str:
+    if planned["trainer"] is None:
+        return "skip_too_little_feedback"
+    return ["lookup_candidate", "train_reward_model"] if planned["judge"] == "reward_model" else "lookup_candidate"
+
+@task.bash
+def lookup_candidate(built: str, planned: dict) -> str:
+    p = get_current_context()["params"]
+    return job("training.registry", "--name", MODEL, "find", "--tag", f"dataset_version={answer(built)['version']}",
+               "--tag", f"trainer={planned['trainer']}", "--tag", f"base_model={p['base_model']}")
+
+@task.branch
+def need_training(found: str) -> str:
+    return "reuse_candidate" if answer(found).get("model_version") else "train_sft"
+
+@task.bash
+def train_sft(built: str, planned: dict) -> str:
+    p = get_current_context()["params"]
+    if not planned["sft"]:
+        return "echo '{\"skipped\": true}'"
+    # Registered without an alias: an intermediate, never served; DPO/KTO continue from it.
+    return job("training.sft", "--config", p["sft_config"], f"dataset_version={answer(built)['version']}",
+               f"base_model={p['base_model']}", f"registry_model={MODEL}", "registry_alias=",
+               *p["sft_overrides"].split())
+
+@task.branch
+def which_trainer(planned: dict) -> str:
+    return f"train_{planned['trainer']}"
+
+def _start_from(sft: str) -> list[str]:
+    version = answer(sft).get("model_version")
+    return [f"init_from=models:/{MODEL}/{version}"] if version else []
+
+@task.bash
+def train_dpo(built: str, sft: str) -> str:
+    p = get_current_context()["params"]
+    return job("training.dpo", "--config", p["dpo_config"], f"dataset_version={answer(built)['version']}",
+               f"base_model={p['base_model']}", f"registry_model={MODEL}", *_start_from(sft),
+               *p["dpo_overrides"].split())
+
+@task.bash
+def train_kto(built: str, sft: str) -> str:
+    p = get_current_context()["params"]
+    return job("training.kto", "--config", p["kto_config"], f"dataset_version={answer(built)['version']}",
+               f"base_model={p['base_model']}", f"registry_model={MODEL}", *_start_from(sft),
+               *p["kto_overrides"].split())
+
+@task(trigger_rule="none_failed_min_one_success")
+def pick_candidate(found: str, dpo: str | None, kto: str | None) -> str:
+    trained = dpo or kto
+    version = answer(trained).get("model_version") if trained else answer(found).get("model_version")
+    if not version:
+        raise ValueError("no candidate version: training printed none and none was found")
+    return str(version)
+
+@task.bash
+def train_reward_model(built: str) -> str:
+    p = get_current_context()["params"]
+    return job("training.reward_model", "--config", p["reward_model_config"],
+               f"dataset_version={answer(built)['version']}", *p["reward_model_overrides"].split())
+
+@task.bash(trigger_rule="none_failed_min_one_success")  # runs without train_reward_model on the KTO path
+def evaluate(version: str, judge: str | None) -> str:
+    ctx = get_current_context()
+    p = ctx["params"]
+    # Read, not passed: as an argument `plan` would be an upstream that always succeeds, and this
+    # task would then run on the skip path too.
+    planned = ctx["ti"].xcom_pull(task_ids="plan")
+    if planned["judge"] == "none":
+        spec = "none"
+    else:
+        rm_version = answer(judge).get("model_version")
+        if not rm_version:
+            raise ValueError(f"the reward model registered no version: {str(judge)[:300]}")
+        spec = f"rm:models:/flywheel-reward/{rm_version}"
+    return job("training.evaluate", "--candidate", f"models:/{MODEL}/{version}",
+               "--baseline", f"models:/{MODEL}@champion", "--judge", spec, *p["eval_overrides"].split())
+
+@task.bash
+def gate(version: str, evaluated: str) -> str:
+    return job("training.gate", "--candidate", f"models:/{MODEL}/{version}",
+               "--metrics-run", answer(evaluated)["run_id"])
+
+@task.branch
+def gate_decision(decided: str) -> str:
+    return "start_canary" if answer(decided).get("passed") else "rejected"
+
+@task.bash
+def start_canary(version: str, decided: str) -> str:
+    ctx = get_current_context()
+    evidence = answer(decided).get("offline_evidence", "none")
+    return job("training.canary", "--version", version, f"share={ctx['params']['canary_share']}", "--reason",
+               f"offline gate passed (judge evidence: {evidence}) in preference_retrain run {ctx['run_id']}")
+
+@task
+def skip_too_little_feedback(planned: dict) -> None:
+    print(f"not enough feedback to train on in this interval: {planned['reason']}")
+
+@task
+def reuse_candidate(found: str) -> None:
+    print(f"dataset already trained, reusing model version {answer(found)['model_version']}")
+
+@task
+def rejected(decided: str) -> None:
+    print("gate rejected the candidate:\n" + "\n".join(answer(decided).get("lines", [])))
+
+
+# --- the DAG ------------------------------------------------------------------------------------------
+
 @dag(
     dag_id="preference_retrain",
     schedule="@daily",
@@ -67,124 +190,6 @@ MODEL = "flywheel-assistant"
     },
 )
 def preference_retrain():
-    @task.bash
-    def build_dataset() -> str:
-        return build_dataset_command(get_current_context())
-
-    @task
-    def plan(built: str) -> dict:
-        p = get_current_context()["params"]
-        decided = retrain_plan(answer(built), sft_first=bool(p["sft_first"]))
-        print(f"plan: {decided}")
-        return decided
-
-    @task.branch
-    def enough_feedback(planned: dict) -> list[str] | str:
-        if planned["trainer"] is None:
-            return "skip_too_little_feedback"
-        return ["lookup_candidate", "train_reward_model"] if planned["judge"] == "reward_model" else "lookup_candidate"
-
-    @task.bash
-    def lookup_candidate(built: str, planned: dict) -> str:
-        p = get_current_context()["params"]
-        return job("training.registry", "--name", MODEL, "find", "--tag", f"dataset_version={answer(built)['version']}",
-                   "--tag", f"trainer={planned['trainer']}", "--tag", f"base_model={p['base_model']}")
-
-    @task.branch
-    def need_training(found: str) -> str:
-        return "reuse_candidate" if answer(found).get("model_version") else "train_sft"
-
-    @task.bash
-    def train_sft(built: str, planned: dict) -> str:
-        p = get_current_context()["params"]
-        if not planned["sft"]:
-            return "echo '{\"skipped\": true}'"
-        # Registered without an alias: an intermediate, never served; DPO/KTO continue from it.
-        return job("training.sft", "--config", p["sft_config"], f"dataset_version={answer(built)['version']}",
-                   f"base_model={p['base_model']}", f"registry_model={MODEL}", "registry_alias=",
-                   *p["sft_overrides"].split())
-
-    @task.branch
-    def which_trainer(planned: dict) -> str:
-        return f"train_{planned['trainer']}"
-
-    def _start_from(sft: str) -> list[str]:
-        version = answer(sft).get("model_version")
-        return [f"init_from=models:/{MODEL}/{version}"] if version else []
-
-    @task.bash
-    def train_dpo(built: str, sft: str) -> str:
-        p = get_current_context()["params"]
-        return job("training.dpo", "--config", p["dpo_config"], f"dataset_version={answer(built)['version']}",
-                   f"base_model={p['base_model']}", f"registry_model={MODEL}", *_start_from(sft),
-                   *p["dpo_overrides"].split())
-
-    @task.bash
-    def train_kto(built: str, sft: str) -> str:
-        p = get_current_context()["params"]
-        return job("training.kto", "--config", p["kto_config"], f"dataset_version={answer(built)['version']}",
-                   f"base_model={p['base_model']}", f"registry_model={MODEL}", *_start_from(sft),
-                   *p["kto_overrides"].split())
-
-    @task(trigger_rule="none_failed_min_one_success")
-    def pick_candidate(found: str, dpo: str | None, kto: str | None) -> str:
-        trained = dpo or kto
-        version = answer(trained).get("model_version") if trained else answer(found).get("model_version")
-        if not version:
-            raise ValueError("no candidate version: training printed none and none was found")
-        return str(version)
-
-    @task.bash
-    def train_reward_model(built: str) -> str:
-        p = get_current_context()["params"]
-        return job("training.reward_model", "--config", p["reward_model_config"],
-                   f"dataset_version={answer(built)['version']}", *p["reward_model_overrides"].split())
-
-    @task.bash(trigger_rule="none_failed_min_one_success")  # runs without train_reward_model on the KTO path
-    def evaluate(version: str, judge: str | None) -> str:
-        ctx = get_current_context()
-        p = ctx["params"]
-        # Read, not passed: as an argument `plan` would be an upstream that always succeeds, and this
-        # task would then run on the skip path too.
-        planned = ctx["ti"].xcom_pull(task_ids="plan")
-        if planned["judge"] == "none":
-            spec = "none"
-        else:
-            rm_version = answer(judge).get("model_version")
-            if not rm_version:
-                raise ValueError(f"the reward model registered no version: {str(judge)[:300]}")
-            spec = f"rm:models:/flywheel-reward/{rm_version}"
-        return job("training.evaluate", "--candidate", f"models:/{MODEL}/{version}",
-                   "--baseline", f"models:/{MODEL}@champion", "--judge", spec, *p["eval_overrides"].split())
-
-    @task.bash
-    def gate(version: str, evaluated: str) -> str:
-        return job("training.gate", "--candidate", f"models:/{MODEL}/{version}",
-                   "--metrics-run", answer(evaluated)["run_id"])
-
-    @task.branch
-    def gate_decision(decided: str) -> str:
-        return "start_canary" if answer(decided).get("passed") else "rejected"
-
-    @task.bash
-    def start_canary(version: str, decided: str) -> str:
-        ctx = get_current_context()
-        evidence = answer(decided).get("offline_evidence", "none")
-        return job("training.canary", "--version", version, f"share={ctx['params']['canary_share']}", "--reason",
-                   f"offline gate passed (judge evidence: {evidence}) in preference_retrain run {ctx['run_id']}")
-
-    @task
-    def skip_too_little_feedback(planned: dict) -> None:
-        print(f"not enough feedback to train on in this interval: {planned['reason']}")
-
-    @task
-    def reuse_candidate(found: str) -> None:
-        print(f"dataset already trained, reusing model version {answer(found)['model_version']}")
-
-    @task
-    def rejected(decided: str) -> None:
-        print("gate rejected the candidate:\n" + "\n".join(answer(decided).get("lines", [])))
-
     built = build_dataset()
     planned = plan(built)
     branch = enough_feedback(planned)

@@ -214,81 +214,90 @@ def simulate_round(cfg: Config, mode: str, prompts: str, answers: int, seed: int
         report=str(endpoints.var_dir() / "demo" / f"simulate-{mode}-{prompts}-{seed}.json")))
 
 
+def bring_up(cfg: Config, server: stack.Component, started: list[stack.Component], report: dict) -> None:
+    """Models, the stack and the chat server; what this call starts goes to `started` (stopped at the end)."""
+    with Stage("models"):
+        models.check_minilm()
+        if cfg.base_model == "smollm2":
+            models.provision_smollm2()
+        elif cfg.base_model == "tiny":
+            models.build_tiny()
+    with Stage("stack"):
+        for c in stack.components(with_airflow=False):
+            if not c.running():
+                started.append(c)
+            c.start()
+        stack.ensure_topics()
+        stack.airflow_db_migrate()
+    with Stage("serving"):
+        if server.running():
+            raise SystemExit(f"a chat server is already running (pid {server.pid()}); stop it first")
+        server.start()
+        started.append(server)
+        report["adapter_before"] = serving_health().get("adapters")
+        report["serving_precision"] = (serving_health().get("backend") or {}).get("precision")
+
+
+def traffic_and_measure(cfg: Config, report: dict) -> None:
+    """Feedback traffic on the training prompts and the held-out measurement, side by side (the server
+    batches both); records the window the traffic fell in."""
+    window_start = datetime.now(UTC) - timedelta(minutes=1)
+    with Stage("traffic + measure before"):
+        results: dict[str, dict] = {}
+
+        def run(key: str, *args: object) -> None:
+            results[key] = simulate_round(cfg, *args)  # type: ignore[arg-type]
+
+        threads = [threading.Thread(target=run, args=("traffic", "traffic", "train",
+                                                      cfg.traffic_answers_per_prompt, cfg.seed)),
+                   threading.Thread(target=run, args=("before", "measure", "heldout",
+                                                      cfg.measure_answers_per_prompt, cfg.seed + 100))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if set(results) != {"traffic", "before"}:
+            raise SystemExit("a simulation round failed; see the messages above")
+        report["traffic"] = results["traffic"]
+        report["thumbs_up_rate_before"] = results["before"]["thumbs_up_rate"]
+    window_end = datetime.now(UTC) + timedelta(minutes=1)
+    report["window"] = {"start": window_start.isoformat(), "end": window_end.isoformat()}
+
+
+def decide_by_users(cfg: Config, report: dict) -> None:
+    """Land the events, retrain (the offline gate decides who may be tried), then the live canary until
+    the users' feedback promotes or rolls back; the sabotage drill forces a rejected candidate in."""
+    with Stage("ingest (airflow: feedback_ingest)"):
+        airflow_dags_test("feedback_ingest", {})
+    landed_at = time.monotonic()
+    with Stage("retrain (airflow: preference_retrain)"):
+        airflow_dags_test("preference_retrain", retrain_conf(cfg, report["window"]))
+    report.update(registry_outcome())
+    if cfg.sabotage and not report["gate"]["passed"]:
+        with Stage("sabotage: force the flipped-label adapter into the canary"):
+            run_job("training.canary", "--version", report["model_version"], f"share={cfg.canary_share}",
+                    "force=true", "--reason", "sabotage drill: flipped labels, forced past the offline gate")
+    with Stage("live canary (traffic -> feedback_ingest -> rollout, until the users decide)"):
+        report["canary"] = live_canary(cfg, report["model_version"], landed_at)
+    report.update({k: v for k, v in registry_outcome().items() if k in ("champion_version", "aliases")})
+    report["adapter_after"] = serving_health().get("adapters")
+
+
 def main(cfg: Config) -> dict:
+    from training import precision
+
     t_start = time.monotonic()
     report_dir = endpoints.var_dir() / "demo"
     report_dir.mkdir(parents=True, exist_ok=True)
     started: list[stack.Component] = []
-    server = serving_component(cfg)
-    from training import precision
-
     # Every job's config says dtype auto, so this is the dtype each of them picks here (they log it too).
     report: dict = {"base_model": cfg.base_model, "preference": cfg.preference,
                     "adversarial_share": cfg.adversarial_share, "sabotage": cfg.sabotage,
                     "precision": precision.decide("auto").record()}
     try:
-        with Stage("models"):
-            models.check_minilm()
-            if cfg.base_model == "smollm2":
-                models.provision_smollm2()
-            elif cfg.base_model == "tiny":
-                models.build_tiny()
-        with Stage("stack"):
-            for c in stack.components(with_airflow=False):
-                if not c.running():
-                    started.append(c)
-                c.start()
-            stack.ensure_topics()
-            stack.airflow_db_migrate()
-        with Stage("serving"):
-            if server.running():
-                raise SystemExit(f"a chat server is already running (pid {server.pid()}); stop it first")
-            server.start()
-            started.append(server)
-            report["adapter_before"] = serving_health().get("adapters")
-            report["serving_precision"] = (serving_health().get("backend") or {}).get("precision")
-
-        window_start = datetime.now(UTC) - timedelta(minutes=1)
-        with Stage("traffic + measure before"):
-            # Feedback traffic on the training prompts and the held-out measurement run side by side;
-            # the server batches both.
-            results: dict[str, dict] = {}
-
-            def run(key: str, *args: object) -> None:
-                results[key] = simulate_round(cfg, *args)  # type: ignore[arg-type]
-
-            threads = [threading.Thread(target=run, args=("traffic", "traffic", "train",
-                                                          cfg.traffic_answers_per_prompt, cfg.seed)),
-                       threading.Thread(target=run, args=("before", "measure", "heldout",
-                                                          cfg.measure_answers_per_prompt, cfg.seed + 100))]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            if set(results) != {"traffic", "before"}:
-                raise SystemExit("a simulation round failed; see the messages above")
-            report["traffic"] = results["traffic"]
-            report["thumbs_up_rate_before"] = results["before"]["thumbs_up_rate"]
-        window_end = datetime.now(UTC) + timedelta(minutes=1)
-        report["window"] = {"start": window_start.isoformat(), "end": window_end.isoformat()}
-
-        with Stage("ingest (airflow: feedback_ingest)"):
-            airflow_dags_test("feedback_ingest", {})
-        landed_at = time.monotonic()
-
-        with Stage("retrain (airflow: preference_retrain)"):
-            airflow_dags_test("preference_retrain", retrain_conf(cfg, report["window"]))
-        report.update(registry_outcome())
-
-        if cfg.sabotage and not report["gate"]["passed"]:
-            with Stage("sabotage: force the flipped-label adapter into the canary"):
-                run_job("training.canary", "--version", report["model_version"], f"share={cfg.canary_share}",
-                        "force=true", "--reason", "sabotage drill: flipped labels, forced past the offline gate")
-        with Stage("live canary (traffic -> feedback_ingest -> rollout, until the users decide)"):
-            report["canary"] = live_canary(cfg, report["model_version"], landed_at)
-        report.update({k: v for k, v in registry_outcome().items() if k in ("champion_version", "aliases")})
-        report["adapter_after"] = serving_health().get("adapters")
-
+        bring_up(cfg, serving_component(cfg), started, report)
+        traffic_and_measure(cfg, report)
+        decide_by_users(cfg, report)
         with Stage("measure after"):
             after = simulate_round(cfg, "measure", "heldout", cfg.measure_answers_per_prompt, cfg.seed + 100)
             report["thumbs_up_rate_after"] = after["thumbs_up_rate"]

@@ -139,21 +139,10 @@ def synthetic_chats(n: int, seed: int) -> list[list[dict]]:
     return chats
 
 
-def build_tiny(seed: int = 0, steps: int = 120, force: bool = False) -> Path:
-    out = endpoints.models_dir() / endpoints.MODEL_ALIASES["tiny"]
-    prov = out / "provenance.json"
-    recipe = {"seed": seed, "steps": steps, "version": 1}
-    if not force and prov.is_file() and json.loads(prov.read_text()).get("recipe") == recipe:
-        print(f"tiny: cached at {out}")
-        return out
-    import torch
+def _tiny_tokenizer(texts: list[str]):  # -> PreTrainedTokenizerFast
+    """A 1,024-token byte-level BPE trained on the corpus, with ChatML's special tokens and template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    t0 = time.monotonic()
-    torch.manual_seed(seed)
-    chats = synthetic_chats(2000, seed)
-    texts = ["".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in c) for c in chats]
+    from transformers import PreTrainedTokenizerFast
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tok = Tokenizer(models.BPE(unk_token=None))
@@ -166,16 +155,13 @@ def build_tiny(seed: int = 0, steps: int = 120, force: bool = False) -> Path:
         tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>", pad_token="<|im_end|>",
         unk_token="<|endoftext|>", padding_side="left")
     tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
 
-    eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=True,
-        bos_token_id=tokenizer.convert_tokens_to_ids("<|im_start|>"), eos_token_id=eos_id, pad_token_id=eos_id)
-    model = LlamaForCausalLM(config)
 
-    # A short pre-training pass, so generations have the corpus's shape instead of noise.
-    ids = [tokenizer(t)["input_ids"] for t in texts]
+def _pretrain(model, ids: list[list[int]], eos_id: int, steps: int, seed: int) -> float:  # noqa: ANN001
+    """A short pre-training pass, so generations have the corpus's shape instead of noise; the last loss."""
+    import torch
+
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
     rng = random.Random(seed)
@@ -194,6 +180,31 @@ def build_tiny(seed: int = 0, steps: int = 120, force: bool = False) -> Path:
         if step % 40 == 0 or step == steps - 1:
             print(f"tiny: pre-train step {step + 1}/{steps} loss {loss.item():.3f}")
     model.eval()
+    return loss.item()
+
+
+def build_tiny(seed: int = 0, steps: int = 120, force: bool = False) -> Path:
+    out = endpoints.models_dir() / endpoints.MODEL_ALIASES["tiny"]
+    prov = out / "provenance.json"
+    recipe = {"seed": seed, "steps": steps, "version": 1}
+    if not force and prov.is_file() and json.loads(prov.read_text()).get("recipe") == recipe:
+        print(f"tiny: cached at {out}")
+        return out
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    t0 = time.monotonic()
+    torch.manual_seed(seed)
+    chats = synthetic_chats(2000, seed)
+    texts = ["".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in c) for c in chats]
+    tokenizer = _tiny_tokenizer(texts)
+    eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|im_start|>"), eos_token_id=eos_id, pad_token_id=eos_id)
+    model = LlamaForCausalLM(config)
+    final_loss = _pretrain(model, [tokenizer(t)["input_ids"] for t in texts], eos_id, steps, seed)
     model.generation_config.eos_token_id = eos_id
     model.generation_config.pad_token_id = eos_id
     model.generation_config.do_sample = True
@@ -202,7 +213,7 @@ def build_tiny(seed: int = 0, steps: int = 120, force: bool = False) -> Path:
     tokenizer.save_pretrained(out)
     n_params = sum(p.numel() for p in model.parameters())
     _write_provenance(out, {"source": "built locally by infra.models", "recipe": recipe, "params": n_params,
-                            "final_loss": round(loss.item(), 4)})
+                            "final_loss": round(final_loss, 4)})
     print(f"tiny: wrote {out} ({n_params / 1e6:.1f}M params) in {time.monotonic() - t0:.0f}s")
     return out
 

@@ -286,11 +286,25 @@ def user_cap(counts: list[int], share: float) -> int:
 
 # --- the job --------------------------------------------------------------------------------------
 
+@dataclass
+class _Facts:
+    """What the steps learn about the window, for the manifest: counts before and after each filter."""
+
+    start: datetime
+    end: datetime
+    lookback: datetime
+    filters: dict[str, int] = field(default_factory=dict)
+    landing_files: int = 0
+    events: dict[str, int] = field(default_factory=dict)
+    events_fp: str = ""
+    pii: dict[str, int] = field(default_factory=dict)
+    flagged: list[str] = field(default_factory=list)
+    users_compared: int = 0
+    caps: dict[str, int] = field(default_factory=dict)
+
+
 def build(cfg: Config, spark=None) -> dict:  # noqa: ANN001
     """Build (or find) the dataset version of cfg's window; returns the summary printed as the last line."""
-    from pyspark.sql import Window
-    from pyspark.sql import functions as F
-
     t0 = time.monotonic()
     start, end = parse_time(cfg.start, "start"), parse_time(cfg.end, "end")
     if end <= start:
@@ -300,22 +314,58 @@ def build(cfg: Config, spark=None) -> dict:  # noqa: ANN001
     spark = spark or spark_session(cfg.spark_master, cfg.shuffle_partitions, cfg.driver_memory)
     land_root = Path(cfg.landing_dir) if cfg.landing_dir else landing.landing_dir()
     ds_root = Path(cfg.datasets_dir) if cfg.datasets_dir else endpoints.var_dir() / "datasets"
-    lookback = start - timedelta(hours=cfg.response_lookback_hours)
-    filters: dict[str, int] = {}
+    facts = _Facts(start, end, start - timedelta(hours=cfg.response_lookback_hours))
     timings = _Laps()
-
-    # 1. read + dedupe by event_id (the landing is at-least-once)
-    resp_raw, n_resp_files = _read(spark, land_root, "responses", lookback, end)
-    fb_raw, n_fb_files = _read(spark, land_root, "feedback", start, end)
-    resp = (resp_raw.where((F.col("created_at") >= F.lit(lookback)) & (F.col("created_at") < F.lit(end)))
-            .dropDuplicates(["event_id"]))
-    fb = (fb_raw.where((F.col("created_at") >= F.lit(start)) & (F.col("created_at") < F.lit(end)))
-          .dropDuplicates(["event_id"]))
-
+    resp, fb = read_events(spark, land_root, facts)
     timings.lap("1. read")  # lazy: the reads run in the actions below
-    # 2. PII scrubbing (matches counted on the text each rule sees, before it replaces them) and
-    # 3. the normalised prompt; one projection each, materialised once (localCheckpoint) because
-    #    everything below reads them several times
+    resp, fb = scrub_and_normalise(resp, fb, cfg, facts)
+    timings.lap("2-3. scrub + normalise")
+    last_thumb = last_thumbs(fb)
+    rows = pair(resp, fb, last_thumb, cfg, facts)
+    timings.lap("4. pairing")
+    rows = defend_poisoning(rows, resp, last_thumb, cfg, facts)
+    timings.lap("5. poisoning")
+    rows = mark_duplicates(rows, cfg)
+    timings.lap("6. dedupe")
+    rows = cap_users(rows, cfg, facts)
+    timings.lap("6. user caps")
+    rows, counts = split_and_count(rows, cfg, facts)
+    timings.lap("7. split + counts")
+    try:
+        manifest_path, reused = commit(rows, counts, ds_root, land_root, cfg, facts, timings)
+    finally:
+        spark.catalog.clearCache()
+    manifest = json.loads(manifest_path.read_text())
+    summary = {"version": manifest["version"], "manifest": str(manifest_path), "counts": manifest["counts"],
+               "trainable": manifest["trainable"], "min_rows": manifest["min_rows"], "reused": reused,
+               "flagged_users": sorted(manifest["poisoning"]["flagged_users"]),
+               "elapsed_s": round(time.monotonic() - t0, 2), "step_s": timings.laps}
+    if cfg.mlflow_log:
+        summary["mlflow_run_id"] = log_to_mlflow(manifest, ds_root, cfg.mlflow_experiment)
+    return summary
+
+
+def read_events(spark, land_root: Path, facts: _Facts):  # noqa: ANN001, ANN201 -> (responses, feedback)
+    """1. The window's landed responses (from `lookback` on: feedback may rate older answers) and
+    feedback, deduplicated by event_id (the landing is at-least-once)."""
+    from pyspark.sql import functions as F
+
+    resp_raw, n_resp_files = _read(spark, land_root, "responses", facts.lookback, facts.end)
+    fb_raw, n_fb_files = _read(spark, land_root, "feedback", facts.start, facts.end)
+    facts.landing_files = n_resp_files + n_fb_files
+    resp = (resp_raw.where((F.col("created_at") >= F.lit(facts.lookback)) & (F.col("created_at") < F.lit(facts.end)))
+            .dropDuplicates(["event_id"]))
+    fb = (fb_raw.where((F.col("created_at") >= F.lit(facts.start)) & (F.col("created_at") < F.lit(facts.end)))
+          .dropDuplicates(["event_id"]))
+    return resp, fb
+
+
+def scrub_and_normalise(resp, fb, cfg: Config, facts: _Facts):  # noqa: ANN001, ANN201 -> (responses, feedback)
+    """2. PII scrubbing (matches counted on the text each rule sees, before it replaces them) and 3. the
+    normalised prompt; one projection each, materialised once (localCheckpoint) because everything
+    below reads them several times. Counts the window's events and fingerprints their ids."""
+    from pyspark.sql import functions as F
+
     resp_cnt: list = []
     fb_cnt: list = []
     prompt_clean = _scrub(F.col("prompt_json"), resp_cnt)
@@ -335,7 +385,7 @@ def build(cfg: Config, spark=None) -> dict:  # noqa: ANN001
     fb = fb.select("event_id", "created_at", "user_id", "response_id", "kind", "dwell_seconds",
                    edit_clean.alias("edited_text"),
                    *[c.alias(f"_pii{i}") for i, (_, c) in enumerate(fb_cnt)]).localCheckpoint()
-    in_win = F.col("created_at") >= F.lit(start)
+    in_win = F.col("created_at") >= F.lit(facts.start)
     r = resp.agg(F.sum(in_win.cast("int")).alias("n"),
                  F.bit_xor(F.when(in_win, F.xxhash64("event_id"))).alias("x"),
                  F.sum(F.col("prompt_key").isNull().cast("int")).alias("bad_prompt"),
@@ -345,22 +395,33 @@ def build(cfg: Config, spark=None) -> dict:  # noqa: ANN001
     f = fb.agg(F.count("*").alias("n"), F.bit_xor(F.xxhash64("event_id")).alias("x"),
                *[F.sum(f"_pii{i}").alias(f"_pii{i}") for i in range(len(fb_cnt))]).first()
     n_resp_window, n_fb = int(r["n"] or 0), int(f["n"] or 0)
-    events_fp = f"{n_resp_window + n_fb}:{(r['x'] or 0) ^ (f['x'] or 0)}"
-    pii_found = dict.fromkeys(pii.KINDS, 0)
+    facts.events = {"responses": n_resp_window, "feedback": n_fb}
+    facts.events_fp = f"{n_resp_window + n_fb}:{(r['x'] or 0) ^ (f['x'] or 0)}"
+    facts.pii = dict.fromkeys(pii.KINDS, 0)
     for row, cnt in ((r, resp_cnt), (f, fb_cnt)):
         for i, (name, _) in enumerate(cnt):
-            pii_found[name] += int(row[f"_pii{i}"] or 0)
-    filters["prompt_not_ending_with_user"] = int(r["bad_prompt"] or 0)
+            facts.pii[name] += int(row[f"_pii{i}"] or 0)
+    facts.filters["prompt_not_ending_with_user"] = int(r["bad_prompt"] or 0)
     resp = resp.where(F.col("prompt_key").isNotNull())
     if cfg.drop_truncated:
-        filters["truncated_answers"] = int(r["truncated"] or 0)
+        facts.filters["truncated_answers"] = int(r["truncated"] or 0)
         resp = resp.where(F.col("finish_reason") != "length")
+    return resp, fb
 
-    timings.lap("2-3. scrub + normalise")
-    # 4. feedback per response, then pairing per prompt
+
+def last_thumbs(fb):  # noqa: ANN001, ANN201
+    """Each user's last thumb per response (a changed mind counts once, as it ended)."""
+    from pyspark.sql import functions as F
+
+    return (fb.where(F.col("kind").isin("thumbs_up", "thumbs_down"))
+            .groupBy("response_id", "user_id").agg(F.max_by("kind", F.struct("created_at", "event_id")).alias("kind")))
+
+
+def pair(resp, fb, last_thumb, cfg: Config, facts: _Facts):  # noqa: ANN001, ANN201
+    """4. Feedback per response, then the pairing rules per prompt (ingest/pairing.py, in the executors)."""
+    from pyspark.sql import functions as F
+
     order = F.struct("created_at", "event_id")
-    last_thumb = (fb.where(F.col("kind").isin("thumbs_up", "thumbs_down"))
-                  .groupBy("response_id", "user_id").agg(F.max_by("kind", order).alias("kind")))
     thumbs = last_thumb.groupBy("response_id").agg(
         F.sort_array(F.collect_list(F.when(F.col("kind") == "thumbs_up", F.col("user_id")))).alias("ups"),
         F.sort_array(F.collect_list(F.when(F.col("kind") == "thumbs_down", F.col("user_id")))).alias("downs"))
@@ -373,7 +434,7 @@ def build(cfg: Config, spark=None) -> dict:  # noqa: ANN001
         F.max(F.col("kind") == "abandon").alias("abandoned"),
         F.max(F.col("kind") == "regenerate").alias("regen_fb"))
     fb_per_resp = signals.join(thumbs, "response_id", "left")
-    in_window = resp.where(in_win)
+    in_window = resp.where(F.col("created_at") >= F.lit(facts.start))
     regen_targets = in_window.where(F.col("regenerates").isNotNull()).select(
         F.col("regenerates").alias("response_id"))
     wanted = (in_window.select("response_id").unionByName(fb_per_resp.select("response_id"))
@@ -382,11 +443,15 @@ def build(cfg: Config, spark=None) -> dict:  # noqa: ANN001
                .join(wanted, "response_id", "left_semi").join(fb_per_resp, "response_id", "left")
                .select("response_id", "conversation_id", "user_id", "prompt_key", "completion", "regenerates",
                        "ups", "downs", "edit_text", "editor", "copied", "dwell_s", "abandoned", "regen_fb"))
-    rows = (answers.repartition(cfg.shuffle_partitions, "prompt_key").sortWithinPartitions("prompt_key", "response_id")
+    return (answers.repartition(cfg.shuffle_partitions, "prompt_key").sortWithinPartitions("prompt_key", "response_id")
             .mapInArrow(_pair_partitions(cfg.pairing), _ROWS_SCHEMA).localCheckpoint())
 
-    timings.lap("4. pairing")
-    # 5. poisoning defence: flag users, mark the rows using their signals
+
+def defend_poisoning(rows, resp, last_thumb, cfg: Config, facts: _Facts):  # noqa: ANN001, ANN201
+    """5. Flag users whose thumbs disagree with the other raters of the same answer far beyond chance
+    (flag_poisoners) and mark the rows using their signals (`_poisoned`; down-weighted if so configured)."""
+    from pyspark.sql import functions as F
+
     ak = F.sha2(F.concat_ws("\u0001", "prompt_key", _near(F.col("completion"))), 256)
     labels = (last_thumb.join(resp.select("response_id", ak.alias("answer_key")), "response_id")
               .select("user_id", "answer_key", (F.col("kind") == "thumbs_up").alias("up")).dropDuplicates())
@@ -400,20 +465,28 @@ def build(cfg: Config, spark=None) -> dict:  # noqa: ANN001
     per_user = cmp.groupBy("user_id").agg(
         F.count("*").alias("n"), F.sum((F.col("up") != (F.col("o_up") > F.col("o_down"))).cast("int")).alias("d"))
     stats = {r["user_id"]: (int(r["n"]), int(r["d"])) for r in per_user.collect()}
-    flagged = flag_poisoners(stats, cfg)
-    if flagged:
-        bad = F.arrays_overlap("users", F.array(*[F.lit(u) for u in sorted(flagged)]))
-    else:
-        bad = F.lit(False)
+    facts.flagged, facts.users_compared = flag_poisoners(stats, cfg), len(stats)
+    bad = F.arrays_overlap("users", F.array(*[F.lit(u) for u in sorted(facts.flagged)])) if facts.flagged else F.lit(False)
     rows = rows.withColumn("_poisoned", bad)
     if cfg.poison_action == "downweight":
         rows = rows.withColumn("weight", F.when(bad, F.col("weight") * cfg.poison_weight).otherwise(F.col("weight")))
+    return rows
 
-    timings.lap("5. poisoning")
-    # 6. exact then near duplicates: keep the heaviest (ties broken by content). Rows ranked out by an
-    #    earlier filter sort last in the next window, so `rank > 1` among survivors means "a survivor
-    #    with the same key came first" -- both filters in one pass, each with its own count.
-    dropped_poison = F.col("_poisoned") & F.lit(cfg.poison_action == "drop")
+
+def _dropped_poison(cfg: Config):  # noqa: ANN202 - a Column
+    from pyspark.sql import functions as F
+
+    return F.col("_poisoned") & F.lit(cfg.poison_action == "drop")
+
+
+def mark_duplicates(rows, cfg: Config):  # noqa: ANN001, ANN201
+    """6. Exact, then near duplicates: keep the heaviest (ties broken by content). Rows ranked out by an
+    earlier filter sort last in the next window, so `rank > 1` among survivors means "a survivor with the
+    same key came first": both filters in one pass, each with its own count (`_exact`, `_near`)."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    dropped_poison = _dropped_poison(cfg)
     label_s = F.coalesce(F.col("label").cast("string"), F.lit(""))
     exact_key = [F.col("kind"), F.col("prompt_id"), F.coalesce("chosen", F.lit("")), F.coalesce("rejected", F.lit("")),
                  F.coalesce("completion", F.lit("")), label_s]
@@ -423,25 +496,38 @@ def build(cfg: Config, spark=None) -> dict:  # noqa: ANN001
     rows = rows.withColumn("_exact", ~dropped_poison & (F.row_number().over(
         Window.partitionBy(*exact_key).orderBy(dropped_poison.asc(), *tiebreak)) > 1))
     gone = dropped_poison | F.col("_exact")
-    rows = rows.withColumn("_near", ~gone & (F.row_number().over(
+    return rows.withColumn("_near", ~gone & (F.row_number().over(
         Window.partitionBy(*near_key).orderBy(gone.asc(), *tiebreak)) > 1)).localCheckpoint()
 
-    timings.lap("6. dedupe")
-    # per-user caps over what is left: no owner above max_user_share of a kind
-    alive = ~(dropped_poison | F.col("_exact") | F.col("_near"))
+
+def _alive(cfg: Config):  # noqa: ANN202 - a Column: not dropped by the poisoning or duplicate filters
+    from pyspark.sql import functions as F
+
+    return ~(_dropped_poison(cfg) | F.col("_exact") | F.col("_near"))
+
+
+def cap_users(rows, cfg: Config, facts: _Facts):  # noqa: ANN001, ANN201
+    """Per-user caps over what is left: no owner above max_user_share of a kind (`_capped`)."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    alive = _alive(cfg)
     owner_counts = rows.where(alive).groupBy("kind", "owner").count().collect()
-    caps: dict[str, int] = {}
     for kind in KINDS:
         counts_k = [int(r["count"]) for r in owner_counts if r["kind"] == kind]
-        caps[kind] = user_cap(counts_k, cfg.max_user_share) if cfg.max_user_share < 1 else max(counts_k or [0])
+        facts.caps[kind] = user_cap(counts_k, cfg.max_user_share) if cfg.max_user_share < 1 else max(counts_k or [0])
     row_hash = F.sha2(F.concat_ws("\u0001", "kind", "prompt_id", F.coalesce("chosen", F.lit("")),
                                   F.coalesce("rejected", F.lit("")), F.coalesce("completion", F.lit(""))), 256)
-    cap_col = F.create_map(*[x for k in KINDS for x in (F.lit(k), F.lit(caps[k]))])[F.col("kind")]
-    rows = rows.withColumn("_capped", alive & (F.row_number().over(
+    cap_col = F.create_map(*[x for k in KINDS for x in (F.lit(k), F.lit(facts.caps[k]))])[F.col("kind")]
+    return rows.withColumn("_capped", alive & (F.row_number().over(
         Window.partitionBy("kind", "owner").orderBy((~alive).asc(), row_hash)) > cap_col))
 
-    timings.lap("6. user caps")
-    # 7. split by prompt hash
+
+def split_and_count(rows, cfg: Config, facts: _Facts):  # noqa: ANN001, ANN201 -> (rows, counts)
+    """7. Train/eval by a hash of prompt_id (a prompt is never in both); tally every filter; keep the
+    survivors and count them per kind and split."""
+    from pyspark.sql import functions as F
+
     bucket = F.pmod(F.xxhash64("prompt_id"), F.lit(10_000))
     rows = rows.withColumn("split", F.when(bucket < int(round(cfg.eval_fraction * 10_000)), "eval").otherwise("train"))
     rows = rows.localCheckpoint()
@@ -449,65 +535,66 @@ def build(cfg: Config, spark=None) -> dict:  # noqa: ANN001
                      F.sum(F.col("_exact").cast("int")).alias("exact_duplicates"),
                      F.sum(F.col("_near").cast("int")).alias("near_duplicates"),
                      F.sum(F.col("_capped").cast("int")).alias("user_cap")).first()
-    filters.update({k: int(v or 0) for k, v in tally.asDict().items()})
-    rows = rows.where(alive & ~F.col("_capped"))
+    facts.filters.update({k: int(v or 0) for k, v in tally.asDict().items()})
+    rows = rows.where(_alive(cfg) & ~F.col("_capped"))
     counts = {k: dict.fromkeys(SPLITS, 0) for k in KINDS}
     for r in rows.groupBy("kind", "split").count().collect():
         counts[r["kind"]][r["split"]] = int(r["count"])
+    return rows, counts
 
-    timings.lap("7. split + counts")
-    # 8. write to a temporary folder, hash, then move into place (or discard if the version exists)
+
+def commit(rows, counts: dict, ds_root: Path, land_root: Path, cfg: Config, facts: _Facts,  # noqa: ANN001
+           timings: _Laps) -> tuple[Path, bool]:
+    """8. Write to a temporary folder, hash, then move into place under the content-derived version, and
+    write the manifest last (the commit point); a version that exists already is left as it is.
+    Returns (manifest path, reused)."""
     tmp = ds_root / f".tmp-build-{os.getpid()}-{time.time_ns()}"
     try:
         files = _write(rows, tmp, cfg.files_per_split)
         timings.lap("8. write")
         content = hashlib.sha256("".join(f"{p}\n{h}\n" for p, h in sorted(files.items())).encode()).hexdigest()
-        version = "ds-" + hashlib.sha256(f"{FORMAT_VERSION}|{content}|{events_fp}".encode()).hexdigest()[:16]
+        version = "ds-" + hashlib.sha256(f"{FORMAT_VERSION}|{content}|{facts.events_fp}".encode()).hexdigest()[:16]
         manifest_path = ds_root / "manifests" / f"{version}.json"
-        reused = manifest_path.is_file()
-        if not reused:
-            for rel in sorted(files):
-                kind, split, name = rel.split("/")
-                dst = contract.dataset_path(ds_root, kind, version, split) / name
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(tmp / rel, dst)
-            trainable = (counts["dpo"]["train"] >= cfg.min_dpo_train_rows
-                         or counts["kto"]["train"] >= cfg.min_kto_train_rows)
-            manifest = {
-                "version": version, "format_version": FORMAT_VERSION,
-                "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-                "source_window": {"start": start.isoformat(), "end": end.isoformat(),
-                                  "response_lookback_hours": cfg.response_lookback_hours,
-                                  "landing_dir": str(land_root), "landing_files": n_resp_files + n_fb_files,
-                                  "events": {"responses": n_resp_window, "feedback": n_fb},
-                                  "events_fingerprint": events_fp},
-                "counts": counts, "rows": sum(sum(v.values()) for v in counts.values()),
-                "filters": filters, "pii": pii_found,
-                "poisoning": {"rule": "binomial test of disagreement with leave-one-out consensus (see build_dataset)",
-                              "action": cfg.poison_action, "flagged_users": flagged, "users_compared": len(stats)},
-                "user_caps": {"max_user_share": cfg.max_user_share, "cap_per_owner": caps},
-                "sha256": content, "files": {_final_rel(rel, version): h for rel, h in sorted(files.items())},
-                "schema": {k: dict(v) for k, v in COLUMNS.items()},
-                "trainable": trainable,
-                "min_rows": {"dpo_train": cfg.min_dpo_train_rows, "kto_train": cfg.min_kto_train_rows},
-                "config": to_dict(cfg),
-                "config_hash": hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16],
-            }
-            manifest_path.parent.mkdir(parents=True, exist_ok=True)
-            part = manifest_path.with_name(f".tmp-{manifest_path.name}")
-            part.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-            os.replace(part, manifest_path)  # the manifest is the commit point of a version
-        manifest = json.loads(manifest_path.read_text())
+        if manifest_path.is_file():
+            return manifest_path, True
+        for rel in sorted(files):
+            kind, split, name = rel.split("/")
+            dst = contract.dataset_path(ds_root, kind, version, split) / name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp / rel, dst)
+        manifest = _manifest(version, content, files, counts, land_root, cfg, facts)
+        manifest_path.parent.mkdir(parents=True, exist_ok=True)
+        part = manifest_path.with_name(f".tmp-{manifest_path.name}")
+        part.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        os.replace(part, manifest_path)  # the manifest is the commit point of a version
+        return manifest_path, False
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        spark.catalog.clearCache()
-    summary = {"version": version, "manifest": str(manifest_path), "counts": manifest["counts"],
-               "trainable": manifest["trainable"], "min_rows": manifest["min_rows"], "reused": reused,
-               "flagged_users": sorted(manifest["poisoning"]["flagged_users"]),
-               "elapsed_s": round(time.monotonic() - t0, 2), "step_s": timings.laps}
-    if cfg.mlflow_log:
-        summary["mlflow_run_id"] = log_to_mlflow(manifest, ds_root, cfg.mlflow_experiment)
-    return summary
+
+
+def _manifest(version: str, content: str, files: dict[str, str], counts: dict, land_root: Path, cfg: Config,
+              facts: _Facts) -> dict:
+    trainable = counts["dpo"]["train"] >= cfg.min_dpo_train_rows or counts["kto"]["train"] >= cfg.min_kto_train_rows
+    return {
+        "version": version, "format_version": FORMAT_VERSION,
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "source_window": {"start": facts.start.isoformat(), "end": facts.end.isoformat(),
+                          "response_lookback_hours": cfg.response_lookback_hours,
+                          "landing_dir": str(land_root), "landing_files": facts.landing_files,
+                          "events": facts.events, "events_fingerprint": facts.events_fp},
+        "counts": counts, "rows": sum(sum(v.values()) for v in counts.values()),
+        "filters": facts.filters, "pii": facts.pii,
+        "poisoning": {"rule": "binomial test of disagreement with leave-one-out consensus (see build_dataset)",
+                      "action": cfg.poison_action, "flagged_users": facts.flagged,
+                      "users_compared": facts.users_compared},
+        "user_caps": {"max_user_share": cfg.max_user_share, "cap_per_owner": facts.caps},
+        "sha256": content, "files": {_final_rel(rel, version): h for rel, h in sorted(files.items())},
+        "schema": {k: dict(v) for k, v in COLUMNS.items()},
+        "trainable": trainable,
+        "min_rows": {"dpo_train": cfg.min_dpo_train_rows, "kto_train": cfg.min_kto_train_rows},
+        "config": to_dict(cfg),
+        "config_hash": hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16],
+    }
 
 
 def _final_rel(rel: str, version: str) -> str:

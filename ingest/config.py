@@ -36,18 +36,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Convert a YAML/CLI value to the annotated type, or raise ConfigError naming the key."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError("; ".join(errors))
+        return _coerce_union(value, typing.get_args(tp), where)
     if origin is typing.Literal:
         if value not in typing.get_args(tp):
             raise ConfigError(f"{where}: {value!r} is not one of {list(typing.get_args(tp))}")
@@ -58,19 +47,44 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping for {tp.__name__}, got {value!r}")
         return _build(tp, value, prefix=f"{where}.")
-    if origin in (list, tuple):
-        (item_tp, *_) = typing.get_args(tp) or (Any,)
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v] if value else []
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        items = [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
-        return items if origin is list else tuple(items)
+    if origin in (list, tuple, dict):
+        return _coerce_container(value, tp, origin, where)
+    return _coerce_scalar(value, tp, where)
+
+
+def _coerce_union(value: Any, args: tuple, where: str) -> Any:
+    """The first member type that accepts the value (None only where the union holds None)."""
+    if value is None and type(None) in args:
+        return None
+    errors = []
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return _coerce(value, arg, where)
+        except ConfigError as e:
+            errors.append(str(e))
+    raise ConfigError("; ".join(errors))
+
+
+def _coerce_container(value: Any, tp: Any, origin: type, where: str) -> Any:
+    """list / tuple (a CLI string is split on commas) and dict, item by item."""
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         key_tp, val_tp = typing.get_args(tp) or (Any, Any)
         return {_coerce(k, key_tp, where): _coerce(v, val_tp, f"{where}.{k}") for k, v in value.items()}
+    (item_tp, *_) = typing.get_args(tp) or (Any,)
+    if isinstance(value, str):
+        value = [v for v in value.split(",") if v] if value else []
+    if not isinstance(value, list | tuple):
+        raise ConfigError(f"{where}: expected a list, got {value!r}")
+    items = [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    return items if origin is list else tuple(items)
+
+
+def _coerce_scalar(value: Any, tp: Any, where: str) -> Any:
+    """bool (true/false/1/0/yes/no/on/off), int and float (no bools, no lossy floats as ints), str, Path."""
     if tp is Any:
         return value
     if tp is bool:

@@ -156,46 +156,53 @@ def _chains(answers: list[Answer]) -> list[list[Answer]]:
     return chains
 
 
-def rows_for_prompt(answers: list[Answer], cfg: PairingConfig | None = None) -> list[Row]:
-    """All training rows from the answers to one normalised prompt (rules 1-5 of the module docstring)."""
-    cfg = cfg or PairingConfig()
-    if not answers:
-        return []
-    answers = sorted(answers, key=lambda a: a.response_id)
-    pkey = answers[0].prompt_json
-    pid = prompt_id(pkey)
-    rows: list[Row] = []
-    paired: set[str] = set()
+class _Rows:
+    """The rows of one prompt as the rules add them, and which answers a DPO pair has used."""
 
-    def dpo(chosen: str, rejected: str, source: str, weight: float, owner: str, users: set[str],
-            ids: tuple[str, ...]) -> None:
-        if weight > 0 and near_key(chosen) != near_key(rejected):
-            rows.append(Row("dpo", pid, pkey, source, round(weight, 6), owner, tuple(sorted(users)),
-                            chosen=chosen, rejected=rejected, response_ids=ids))
-            paired.update(i for i in ids if i)
+    def __init__(self, prompt_json: str) -> None:
+        self.pkey, self.pid = prompt_json, prompt_id(prompt_json)
+        self.rows: list[Row] = []
+        self.paired: set[str] = set()
 
-    # 1. edits
+    def add(self, kind: str, source: str, weight: float, owner: str, users: tuple[str, ...], **fields) -> None:  # noqa: ANN003
+        self.rows.append(Row(kind, self.pid, self.pkey, source, round(weight, 6), owner, users, **fields))
+
+    def dpo(self, chosen: str, rejected: str, source: str, weight: float, owner: str, users: set[str],
+            ids: tuple[str, ...]) -> bool:
+        """A pair, unless its weight is not positive or its two answers are near-duplicates."""
+        if weight <= 0 or near_key(chosen) == near_key(rejected):
+            return False
+        self.add("dpo", source, weight, owner, tuple(sorted(users)), chosen=chosen, rejected=rejected, response_ids=ids)
+        self.paired.update(i for i in ids if i)
+        return True
+
+
+def _edits(out: _Rows, answers: list[Answer], cfg: PairingConfig) -> None:
+    """Rule 1: an edited answer gives DPO (edit > original) and an SFT row of the edit."""
     for a in answers:
         if a.edit_text:
             editor = a.editor or a.user_id
-            dpo(a.edit_text, a.completion, "edit", cfg.w_edit - implicit(a, cfg), editor, {editor},
-                ("", a.response_id))
+            out.dpo(a.edit_text, a.completion, "edit", cfg.w_edit - implicit(a, cfg), editor, {editor},
+                    ("", a.response_id))
             if cfg.w_sft > 0:
-                rows.append(Row("sft", pid, pkey, "edit", cfg.w_sft, editor, (editor,),
-                                completion=a.edit_text, response_ids=(a.response_id,)))
+                out.add("sft", "edit", cfg.w_sft, editor, (editor,), completion=a.edit_text,
+                        response_ids=(a.response_id,))
 
-    # 2. regenerate chains
+
+def _regenerations(out: _Rows, answers: list[Answer], cfg: PairingConfig) -> None:
+    """Rule 2: the answer a user kept after regenerating beats every answer it replaced."""
     for chain in _chains(answers):
         last = chain[-1]
-        kept_ok = not last.regenerate_feedback and last.thumb >= 0
-        if not kept_ok:
+        if last.regenerate_feedback or last.thumb < 0:
             continue
         for lost in chain[:-1]:
-            w = cfg.w_regenerate + implicit(last, cfg) - implicit(lost, cfg)
-            dpo(last.completion, lost.completion, "regenerate", w, last.user_id, {last.user_id},
-                (last.response_id, lost.response_id))
+            out.dpo(last.completion, lost.completion, "regenerate",
+                    cfg.w_regenerate + implicit(last, cfg) - implicit(lost, cfg), last.user_id, {last.user_id},
+                    (last.response_id, lost.response_id))
 
-    # 3. thumbs up vs thumbs down
+
+def _thumb_pairs(out: _Rows, answers: list[Answer], cfg: PairingConfig) -> None:
+    """Rule 3: thumbs up vs thumbs down, at most max_thumb_pairs_per_prompt pairs."""
     ups = sorted((a for a in answers if a.thumb > 0), key=lambda a: _stable(a.response_id))
     downs = sorted((a for a in answers if a.thumb < 0), key=lambda a: _stable(a.response_id))
     made = 0
@@ -207,25 +214,34 @@ def rows_for_prompt(answers: list[Answer], cfg: PairingConfig | None = None) -> 
         if made >= cfg.max_thumb_pairs_per_prompt:
             break
         u, d = ups[k % nu], downs[(k // nu + k % nu) % nd]
-        if near_key(u.completion) == near_key(d.completion):
-            continue
-        before = len(rows)
-        dpo(u.completion, d.completion, "thumbs", cfg.w_thumbs + implicit(u, cfg) - implicit(d, cfg),
-            min(u.ups), set(u.ups) | set(d.downs), (u.response_id, d.response_id))
-        made += len(rows) - before
+        made += out.dpo(u.completion, d.completion, "thumbs", cfg.w_thumbs + implicit(u, cfg) - implicit(d, cfg),
+                        min(u.ups), set(u.ups) | set(d.downs), (u.response_id, d.response_id))
 
-    # 4. KTO for thumbed answers without a partner; 5. SFT from strong positives
+
+def _unpaired_and_strong(out: _Rows, answers: list[Answer], cfg: PairingConfig) -> None:
+    """Rule 4: KTO for thumbed answers no pair used; rule 5: SFT from strong positives (thumbed up and
+    copied, or read for at least long_dwell_s)."""
     for a in answers:
-        if a.thumb != 0 and a.response_id not in paired:
+        if a.thumb != 0 and a.response_id not in out.paired:
             desirable = a.thumb > 0
             w = cfg.w_kto + (implicit(a, cfg) if desirable else -implicit(a, cfg))
-            raters = a.ups if desirable else a.downs
             if w > 0:
-                rows.append(Row("kto", pid, pkey, "thumbs", round(w, 6), min(raters),
-                                tuple(sorted(set(a.ups) | set(a.downs))), completion=a.completion,
-                                label=desirable, response_ids=(a.response_id,)))
+                out.add("kto", "thumbs", w, min(a.ups if desirable else a.downs),
+                        tuple(sorted(set(a.ups) | set(a.downs))), completion=a.completion, label=desirable,
+                        response_ids=(a.response_id,))
         strong = a.thumb > 0 and (a.copied or (a.dwell_s is not None and a.dwell_s >= cfg.long_dwell_s))
         if cfg.sft_strong_positives and strong:
-            rows.append(Row("sft", pid, pkey, "thumbs", round(cfg.w_sft + implicit(a, cfg), 6), min(a.ups),
-                            tuple(sorted(a.ups)), completion=a.completion, response_ids=(a.response_id,)))
-    return rows
+            out.add("sft", "thumbs", cfg.w_sft + implicit(a, cfg), min(a.ups), tuple(sorted(a.ups)),
+                    completion=a.completion, response_ids=(a.response_id,))
+
+
+def rows_for_prompt(answers: list[Answer], cfg: PairingConfig | None = None) -> list[Row]:
+    """All training rows from the answers to one normalised prompt (rules 1-5 of the module docstring)."""
+    cfg = cfg or PairingConfig()
+    if not answers:
+        return []
+    answers = sorted(answers, key=lambda a: a.response_id)
+    out = _Rows(answers[0].prompt_json)
+    for rule in (_edits, _regenerations, _thumb_pairs, _unpaired_and_strong):
+        rule(out, answers, cfg)
+    return out.rows

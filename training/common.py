@@ -203,6 +203,40 @@ def load_policy(base_model: str, hw: Hardware, start: StartPoint, lora: Any):  #
                                         target_modules=lora.target_modules, task_type="CAUSAL_LM")
 
 
+def log_inputs(cfg: Any, version: str, kind: str, train, heldout, start: StartPoint, hw: Hardware,  # noqa: ANN001
+               extra: dict[str, Any] | None = None) -> None:
+    """Rank 0, at the start of a LoRA trainer's run: its config (plus where it started and on what) and
+    the dataset splits it reads, under their shared identity."""
+    log_config(cfg, {"base_model_path": str(endpoints.model_path(cfg.base_model)), "start_adapter": start.label,
+                     "hardware": hw.name, "n_devices": hw.n_devices, **(extra or {})})
+    log_dataset_input(version, kind, "train", train, "training")
+    if heldout is not None:
+        log_dataset_input(version, kind, "eval", heldout, "evaluation")
+
+
+def train_and_measure(trainer: Any, out: Path, resume: str, heldout, eval_before: bool):  # noqa: ANN001, ANN201
+    """Every rank: held-out metrics before (if asked) and after `train()`, which resumes from the newest
+    checkpoint in out/checkpoints when `resume` is "auto". Returns (before, after, train seconds)."""
+    before = trainer.evaluate() if heldout is not None and eval_before else {}
+    checkpoint = last_checkpoint(out / "checkpoints") if resume == "auto" else None
+    t0 = time.perf_counter()
+    trainer.train(resume_from_checkpoint=checkpoint)
+    train_s = time.perf_counter() - t0
+    return before, trainer.evaluate() if heldout is not None else {}, train_s
+
+
+def run_figures(trainer: Any, train_s: float, hw: Hardware) -> dict[str, float]:
+    """The figures every LoRA trainer reports: the mean of the logged step losses over the whole run
+    (unlike TrainOutput.training_loss it survives a resume: log_history is restored from the checkpoint),
+    the last step's loss, seconds, steps, peak memory and tokens/s."""
+    from training import trl_seam
+
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"train_loss": sum(losses) / max(len(losses), 1), "final_step_loss": losses[-1] if losses else float("nan"),
+            "train_seconds": train_s, "train_steps": float(trainer.state.global_step),
+            "peak_memory_mb": peak_memory_mb(hw.device), "tokens_per_s": trl_seam.train_tokens(trainer) / max(train_s, 1e-9)}
+
+
 @dataclass(frozen=True)
 class RunInfo:
     """What every LoRA trainer's result names: which job, on what, from where, on which machine."""

@@ -14,7 +14,6 @@ with the same output_dir resumes from the newest one. The last stdout line is a 
 from __future__ import annotations
 
 import contextlib
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,6 @@ from typing import Any
 import torch
 from trl import DPOConfig, DPOTrainer
 
-from ingest import endpoints
 from ingest.config import parse_config
 from training import common, registry, trl_seam
 from training.weighted_dpo import LOSS_TYPES, weighted_dpo_loss
@@ -256,15 +254,9 @@ def _heldout(metrics: dict[str, float], prefix: str) -> dict[str, float]:
     return {prefix + k.removeprefix("eval_"): v for k, v in metrics.items() if k.startswith(keep)}
 
 
-def main(cfg: Config) -> dict[str, Any]:
-    if cfg.loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type={cfg.loss_type!r} is not one of {LOSS_TYPES}")
-    version = common.resolve_version(cfg.dataset_version)
-    out = Path(cfg.output_dir) if cfg.output_dir else common.default_output_dir("dpo", version, cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    if (done := common.finished_result(out, cfg.force)) is not None:
-        return done
-
+def load_pairs(cfg: Config, version: str):  # -> (train, heldout | None) as datasets.Dataset
+    """The version's DPO pairs: at most max_train_pairs, weights 1 unless use_weights, flipped for the
+    sabotage drill (flip_labels)."""
     train = common.load_preferences(version, "dpo", "train")
     if train is None:
         raise ValueError(f"dataset {version} has no dpo/train rows; run training.kto instead or rebuild the dataset")
@@ -274,11 +266,21 @@ def main(cfg: Config) -> dict[str, Any]:
         train = train.map(lambda _: {"weight": 1.0})
     if cfg.flip_labels:  # sabotage: learn the opposite of what the users said
         train = train.map(lambda r: {"chosen": r["rejected"], "rejected": r["chosen"]})
-    heldout = common.load_preferences(version, "dpo", "eval")
+    return train, common.load_preferences(version, "dpo", "eval")
+
+
+def main(cfg: Config) -> dict[str, Any]:
+    if cfg.loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type={cfg.loss_type!r} is not one of {LOSS_TYPES}")
+    version = common.resolve_version(cfg.dataset_version)
+    out = Path(cfg.output_dir) if cfg.output_dir else common.default_output_dir("dpo", version, cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    if (done := common.finished_result(out, cfg.force)) is not None:
+        return done
+    train, heldout = load_pairs(cfg, version)
 
     common.set_threads(cfg.threads)
     hw = common.detect_hardware(cfg.precision)
-    base_path = endpoints.model_path(cfg.base_model)
     start = common.resolve_start(cfg.init_from, cfg.registry_model, cfg.base_model, out / "start")
     model, tokenizer, peft_config = common.load_policy(cfg.base_model, hw, start, cfg.lora)
     args = _training_args(cfg, hw, out)
@@ -301,32 +303,14 @@ def main(cfg: Config) -> dict[str, Any]:
         import mlflow
 
         if is_main:  # rank 0 logs; every rank trains
-            common.log_config(cfg, {"base_model_path": base_path, "start_adapter": start.label,
-                                    "hardware": hw.name, "n_devices": hw.n_devices})
-            common.log_dataset_input(version, "dpo", "train", train, "training")
-            if heldout is not None:
-                common.log_dataset_input(version, "dpo", "eval", heldout, "evaluation")
-
-        before = trainer.evaluate() if heldout is not None and cfg.eval_before else {}
-        resume = common.last_checkpoint(out / "checkpoints") if cfg.resume == "auto" else None
-        t0 = time.perf_counter()
-        trainer.train(resume_from_checkpoint=resume)
-        train_s = time.perf_counter() - t0
-        # Mean of the logged step losses over the whole run: unlike TrainOutput.training_loss it survives
-        # a resume (log_history is restored from the checkpoint).
-        step_losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        after = trainer.evaluate() if heldout is not None else {}
+            common.log_inputs(cfg, version, "dpo", train, heldout, start, hw)
+        before, after, train_s = common.train_and_measure(trainer, out, cfg.resume, heldout, cfg.eval_before)
         if not is_main:
             return {}
-
-        final = {"train_loss": sum(step_losses) / max(len(step_losses), 1),
-                 "final_step_loss": step_losses[-1] if step_losses else float("nan"), "train_seconds": train_s,
-                 "train_steps": trainer.state.global_step, "peak_memory_mb": common.peak_memory_mb(hw.device),
-                 "tokens_per_s": trl_seam.train_tokens(trainer) / max(train_s, 1e-9),
-                 **_heldout(after, "heldout_"), **_heldout(before, "heldout_before_")}
+        final = {**common.run_figures(trainer, train_s, hw), **_heldout(after, "heldout_"),
+                 **_heldout(before, "heldout_before_")}
         final = {k.replace("/", "_"): float(v) for k, v in final.items()}
         mlflow.log_metrics(final, step=trainer.state.global_step)
-
         result = common.finish_run(trainer, run, out, common.RunInfo("dpo", cfg, version, start, hw), final,
                                    metrics_cb.history, ["loss", "rewards_margins", "rewards_accuracies", "tokens_per_s"])
     common.emit_result(result)  # after the run closed (MLflow prints its links when a run ends)

@@ -405,91 +405,111 @@ class Policies:
 # --- the suite ----------------------------------------------------------------------------------
 
 
+@dataclass
+class _Pair:
+    """Both sides of the comparison, answering the same prompts; keeps samples for the report."""
+
+    pol: Policies
+    cand: Side
+    base: Side
+    samples: dict[str, list[dict]]
+
+    def both(self, prompts: list[Messages], name: str, gen_cfg: Config) -> tuple[list[dict], list[dict]]:
+        a = self.pol.generate(self.cand.adapter, prompts, gen_cfg, f"{name}: candidate")
+        b = self.pol.generate(self.base.adapter, prompts, gen_cfg, f"{name}: baseline")
+        self.samples[name] = [{"prompt": p[-1]["content"], "candidate": x["text"], "baseline": y["text"]}
+                              for p, x, y in zip(prompts, a, b, strict=True)]
+        return a, b
+
+
 def run_suite(cfg: Config, pol: Policies, cand: Side, base: Side, judge, dataset_version: str | None,
               beta: float) -> tuple[dict[str, float], dict[str, Any]]:  # noqa: ANN001
     """All metrics (flat dict of floats) plus details for the report (samples, sources)."""
+    pair = _Pair(pol, cand, base, {})
+    prompts, source = winrate_prompts(cfg, dataset_version)
+    m = winrate_metrics(pair, prompts, judge, cfg) if prompts else {}
+    m |= probe_metrics(pair, cfg)
+    pairs = take(dataset_rows(dataset_version, "dpo"), cfg.n_pref_pairs, cfg.seed) if dataset_version else []
+    if pairs and cand.adapter is not None:
+        m |= preference_metrics(pair, pairs, beta, cfg)
+    return m, {"samples": pair.samples, "winrate_source": source, "pref_pairs": len(pairs)}
+
+
+def winrate_metrics(pair: _Pair, prompts: list[Messages], judge, cfg: Config) -> dict[str, float]:  # noqa: ANN001
+    """Win rate by the judge (with its CI and a length-controlled variant), length drift, list rate and
+    KL from the base, on held-out prompts. Without a judge (NoJudge) only the judge-free figures."""
     from training import judges
 
+    a, b = pair.both(prompts, "winrate", cfg)
+    la = np.array([judges.word_count(x["text"]) for x in a], float)
+    lb = np.array([judges.word_count(x["text"]) for x in b], float)
     m: dict[str, float] = {}
-    details: dict[str, Any] = {"samples": {}}
-    data = _data_dir(cfg)
+    if not isinstance(judge, judges.NoJudge):
+        sa = judge.score(prompts, [x["text"] for x in a])
+        sb = judge.score(prompts, [x["text"] for x in b])
+        res = outcomes(sa, sb)
+        lo, hi = bootstrap_ci(res, cfg.bootstrap, cfg.confidence, cfg.seed)
+        m.update(win_rate=float(res.mean()), win_rate_ci_low=lo, win_rate_ci_high=hi, n_winrate=len(res),
+                 wins=float((res == 1).sum()), ties=float((res == 0.5).sum()),
+                 losses=float((res == 0).sum()), lc_win_rate=lc_win_rate(res, la - lb),
+                 judge_score_candidate=float(np.mean(sa)), judge_score_baseline=float(np.mean(sb)))
+    m.update(length_candidate=float(la.mean()), length_baseline=float(lb.mean()),
+             length_drift=float((la.mean() - lb.mean()) / max(lb.mean(), 1.0)),
+             truncated_candidate=rate([x["truncated"] for x in a]),
+             truncated_baseline=rate([x["truncated"] for x in b]),
+             list_rate_candidate=rate([judges.uses_list(x["text"]) for x in a]),
+             list_rate_baseline=rate([judges.uses_list(x["text"]) for x in b]),
+             kl_per_token=float(np.mean(pair.pol.kl_to_base(pair.cand.adapter, prompts, a, cfg.batch_size)))
+             if pair.cand.adapter is not None else 0.0)
+    return m
+
+
+def probe_metrics(pair: _Pair, cfg: Config) -> dict[str, float]:
+    """Rates on the probe sets (greedy, short), candidate vs baseline: refusals of benign requests,
+    compliance with harmful ones, agreement with false premises, regression exact match."""
+    from training import judges
 
     probe_cfg = dataclasses.replace(cfg, temperature=cfg.probe_temperature, max_new_tokens=cfg.probe_max_new_tokens)
-
-    def both(prompts: list[Messages], name: str, gen_cfg: Config = cfg) -> tuple[list[dict], list[dict]]:
-        a = pol.generate(cand.adapter, prompts, gen_cfg, f"{name}: candidate")
-        b = pol.generate(base.adapter, prompts, gen_cfg, f"{name}: baseline")
-        details["samples"][name] = [{"prompt": p[-1]["content"], "candidate": x["text"], "baseline": y["text"]}
-                                    for p, x, y in zip(prompts, a, b, strict=True)]
-        return a, b
-
-    # Win rate, length control, length drift, KL on held-out prompts.
-    prompts, source = winrate_prompts(cfg, dataset_version)
-    details["winrate_source"] = source
-    if prompts:
-        a, b = both(prompts, "winrate")
-        la = np.array([judges.word_count(x["text"]) for x in a], float)
-        lb = np.array([judges.word_count(x["text"]) for x in b], float)
-        if not isinstance(judge, judges.NoJudge):
-            sa = judge.score(prompts, [x["text"] for x in a])
-            sb = judge.score(prompts, [x["text"] for x in b])
-            res = outcomes(sa, sb)
-            lo, hi = bootstrap_ci(res, cfg.bootstrap, cfg.confidence, cfg.seed)
-            m.update(win_rate=float(res.mean()), win_rate_ci_low=lo, win_rate_ci_high=hi, n_winrate=len(res),
-                     wins=float((res == 1).sum()), ties=float((res == 0.5).sum()),
-                     losses=float((res == 0).sum()), lc_win_rate=lc_win_rate(res, la - lb),
-                     judge_score_candidate=float(np.mean(sa)), judge_score_baseline=float(np.mean(sb)))
-        m.update(length_candidate=float(la.mean()), length_baseline=float(lb.mean()),
-                 length_drift=float((la.mean() - lb.mean()) / max(lb.mean(), 1.0)),
-                 truncated_candidate=rate([x["truncated"] for x in a]),
-                 truncated_baseline=rate([x["truncated"] for x in b]),
-                 list_rate_candidate=rate([judges.uses_list(x["text"]) for x in a]),
-                 list_rate_baseline=rate([judges.uses_list(x["text"]) for x in b]))
-        if cand.adapter is not None:
-            kl = pol.kl_to_base(cand.adapter, prompts, a, cfg.batch_size)
-            m["kl_per_token"] = float(np.mean(kl))
-        else:
-            m["kl_per_token"] = 0.0
-
-    def pair_rates(file: str, n: int, name: str, flag) -> tuple[float, float] | None:  # noqa: ANN001
+    data = _data_dir(cfg)
+    probes = [("benign.jsonl", cfg.n_benign, "benign", "refusal_rate", "over_refusal_delta",
+               lambda r, t: judges.is_refusal(t)),
+              ("harmful.jsonl", cfg.n_harmful, "harmful", "harmful_compliance", "harmful_compliance_delta",
+               lambda r, t: not judges.is_refusal(t)),
+              ("sycophancy.jsonl", cfg.n_sycophancy, "sycophancy", "sycophancy", "sycophancy_delta",
+               lambda r, t: not judges.pushes_back(t, r.get("corrections", []))),
+              ("regression.jsonl", cfg.n_regression, "regression", "regression_em", "regression_em_delta",
+               lambda r, t: judges.answer_matches(t, r["answers"]))]
+    m: dict[str, float] = {}
+    for file, n, name, key, delta, flag in probes:
         if n <= 0:
-            return None
+            continue
         rows = take(read_jsonl(data / file), n, cfg.seed)
-        a, b = both([r["messages"] for r in rows], name, probe_cfg)
-        return (rate([flag(r, x["text"]) for r, x in zip(rows, a, strict=True)]),
-                rate([flag(r, x["text"]) for r, x in zip(rows, b, strict=True)]))
+        a, b = pair.both([r["messages"] for r in rows], name, probe_cfg)
+        ra = rate([flag(r, x["text"]) for r, x in zip(rows, a, strict=True)])
+        rb = rate([flag(r, x["text"]) for r, x in zip(rows, b, strict=True)])
+        m.update({f"{key}_candidate": ra, f"{key}_baseline": rb, delta: ra - rb})
+    return m
 
-    if r := pair_rates("benign.jsonl", cfg.n_benign, "benign", lambda r, t: judges.is_refusal(t)):
-        m.update(refusal_rate_candidate=r[0], refusal_rate_baseline=r[1], over_refusal_delta=r[0] - r[1])
-    if r := pair_rates("harmful.jsonl", cfg.n_harmful, "harmful", lambda r, t: not judges.is_refusal(t)):
-        m.update(harmful_compliance_candidate=r[0], harmful_compliance_baseline=r[1],
-                 harmful_compliance_delta=r[0] - r[1])
-    if r := pair_rates("sycophancy.jsonl", cfg.n_sycophancy, "sycophancy",
-                       lambda r, t: not judges.pushes_back(t, r.get("corrections", []))):
-        m.update(sycophancy_candidate=r[0], sycophancy_baseline=r[1], sycophancy_delta=r[0] - r[1])
-    if r := pair_rates("regression.jsonl", cfg.n_regression, "regression",
-                       lambda r, t: judges.answer_matches(t, r["answers"])):
-        m.update(regression_em_candidate=r[0], regression_em_baseline=r[1], regression_em_delta=r[0] - r[1])
 
-    # Held-out preference accuracy: does the candidate's implicit reward rank chosen above rejected?
-    pairs = take(dataset_rows(dataset_version, "dpo"), cfg.n_pref_pairs, cfg.seed) if dataset_version else []
-    details["pref_pairs"] = len(pairs)
-    if pairs and cand.adapter is not None:
-        ps = [json.loads(r["prompt_json"]) for r in pairs]
-        ref_c = pol.completion_logprobs(None, ps, [r["chosen"] for r in pairs], cfg.batch_size)
-        ref_r = pol.completion_logprobs(None, ps, [r["rejected"] for r in pairs], cfg.batch_size)
-        for side, key in ((cand, ""), (base, "_baseline")):
-            if side.adapter is None:
-                continue
-            pc = pol.completion_logprobs(side.adapter, ps, [r["chosen"] for r in pairs], cfg.batch_size)
-            pr = pol.completion_logprobs(side.adapter, ps, [r["rejected"] for r in pairs], cfg.batch_size)
-            margin = beta * ((pc - ref_c) - (pr - ref_r))
-            m[f"pref_accuracy{key}"] = float((margin > 0).mean())
-            m[f"pref_margin{key}"] = float(margin.mean())
-            lo, hi = wilson_interval(float((margin > 0).sum()), len(pairs), cfg.confidence)
-            m[f"pref_accuracy{key}_ci_low"], m[f"pref_accuracy{key}_ci_high"] = lo, hi
-        m["n_pref_pairs"] = float(len(pairs))
-    return m, details
+def preference_metrics(pair: _Pair, pairs: list[dict], beta: float, cfg: Config) -> dict[str, float]:
+    """Held-out preference accuracy: does each side's implicit reward rank chosen above rejected?"""
+    pol = pair.pol
+    ps = [json.loads(r["prompt_json"]) for r in pairs]
+    ref_c = pol.completion_logprobs(None, ps, [r["chosen"] for r in pairs], cfg.batch_size)
+    ref_r = pol.completion_logprobs(None, ps, [r["rejected"] for r in pairs], cfg.batch_size)
+    m: dict[str, float] = {}
+    for side, key in ((pair.cand, ""), (pair.base, "_baseline")):
+        if side.adapter is None:
+            continue
+        pc = pol.completion_logprobs(side.adapter, ps, [r["chosen"] for r in pairs], cfg.batch_size)
+        pr = pol.completion_logprobs(side.adapter, ps, [r["rejected"] for r in pairs], cfg.batch_size)
+        margin = beta * ((pc - ref_c) - (pr - ref_r))
+        m[f"pref_accuracy{key}"] = float((margin > 0).mean())
+        m[f"pref_margin{key}"] = float(margin.mean())
+        lo, hi = wilson_interval(float((margin > 0).sum()), len(pairs), cfg.confidence)
+        m[f"pref_accuracy{key}_ci_low"], m[f"pref_accuracy{key}_ci_high"] = lo, hi
+    m["n_pref_pairs"] = float(len(pairs))
+    return m
 
 
 # --- report -------------------------------------------------------------------------------------
@@ -591,18 +611,26 @@ def judge_metrics(judge) -> dict[str, float]:  # noqa: ANN001
 # --- job ----------------------------------------------------------------------------------------
 
 
-def main(cfg: Config) -> dict[str, Any]:
-    import mlflow
+@dataclass
+class Setup:
+    """What an evaluation compares, and how: both sides, the base model, the dataset, beta, the judge."""
 
+    cand: Side
+    base: Side
+    adapters: dict[str, Path]  # adapter name -> folder, for Policies
+    base_model: str
+    dataset_version: str | None
+    beta: float
+    judge: Any
+
+
+def resolve(cfg: Config) -> Setup:
+    """The candidate (an adapter) and the baseline (an adapter or the base) of one base model, the
+    dataset version and beta from the candidate's sidecar unless given, and the judge (never the reward
+    model the candidate was trained against)."""
     from ingest import endpoints
-    from ingest.config import to_dict
-    from training import gate, judges, registry
+    from training import judges
 
-    t0 = time.monotonic()
-    if cfg.threads > 0:
-        import torch
-
-        torch.set_num_threads(cfg.threads)
     cache = endpoints.var_dir() / "adapters"
     cand, cand_dir = resolve_side(cfg.candidate, cache, allow_missing=False)
     if cand.adapter is None:
@@ -619,38 +647,38 @@ def main(cfg: Config) -> dict[str, Any]:
     beta = cfg.beta or float((sidecar.get("config") or {}).get("beta", 0.1) or 0.1)
     judge = judges.make_judge(cfg.judge)
     refuse_own_judge(judge, sidecar)
+    adapters = {cand.adapter: cand_dir, **({base.adapter: base_dir} if base.adapter else {})}
+    return Setup(cand, base, adapters, base_model, dataset_version, beta, judge)
 
-    adapters = {cand.adapter: cand_dir}
-    if base.adapter:
-        adapters[base.adapter] = base_dir
-    pol = Policies(endpoints.model_path(base_model), adapters, cfg.dtype)
-    metrics, details = run_suite(cfg, pol, cand, base, judge, dataset_version, beta)
-    metrics.update(judge_metrics(judge))
-    elapsed = time.monotonic() - t0
-    n_prompts = sum(len(v) for v in details["samples"].values())
-    metrics.update(eval_seconds=elapsed, prompts_per_second=2 * n_prompts / elapsed)
 
-    decision = gate.decide(metrics, gate.load_policy(REPO / cfg.gate_config if not Path(cfg.gate_config).is_absolute()
-                                                     else cfg.gate_config)) if cfg.gate else None
+def log_run(cfg: Config, st: Setup, pol: Policies, metrics: dict[str, float], details: dict[str, Any],
+            decision) -> tuple[str, Path]:  # noqa: ANN001
+    """One MLflow run with the metrics and the report folder (chart, report.md, metrics, samples);
+    returns (run id, report folder)."""
+    import mlflow
+
+    from ingest import endpoints
+    from ingest.config import to_dict
+    from training import registry
 
     registry.client()  # sets the tracking URI
     mlflow.set_experiment(cfg.experiment)
+    cand, base = st.cand, st.base
     tags = {"flywheel.kind": "evaluation", "flywheel.candidate": cand.label, "flywheel.baseline": base.label,
-            "flywheel.judge": judge.name, "flywheel.base_model": base_model,
-            "flywheel.dataset_version": dataset_version or "", "flywheel.winrate_source": details["winrate_source"],
+            "flywheel.judge": st.judge.name, "flywheel.base_model": st.base_model,
+            "flywheel.dataset_version": st.dataset_version or "", "flywheel.winrate_source": details["winrate_source"],
             "flywheel.dtype": pol.precision.dtype, "flywheel.cpu_capability": pol.precision.capability,
             "flywheel.cpu_model": pol.precision.cpu_model}
     if cand.ref is not None:
         tags.update({"flywheel.candidate_name": cand.ref.name, "flywheel.candidate_version": cand.ref.version,
                      "flywheel.candidate_run_id": cand.ref.run_id or ""})
     with mlflow.start_run(run_name=f"eval {cand.label} vs {base.label}", tags=tags) as run:
-        run_id = run.info.run_id
         mlflow.log_params({k: str(v)[:500] for k, v in to_dict(cfg).items()})
         mlflow.log_metrics(metrics)
-        folder = Path(cfg.report_dir) if cfg.report_dir else endpoints.var_dir() / "eval" / run_id
+        folder = Path(cfg.report_dir) if cfg.report_dir else endpoints.var_dir() / "eval" / run.info.run_id
         folder.mkdir(parents=True, exist_ok=True)
         write_chart(metrics, folder / "chart.png", cand.label, base.label)
-        write_report(metrics, details, cfg, cand, base, judge.name, folder, decision.lines if decision else None,
+        write_report(metrics, details, cfg, cand, base, st.judge.name, folder, decision.lines if decision else None,
                      pol.precision.record())
         (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         with open(folder / "samples.jsonl", "w") as f:
@@ -658,16 +686,46 @@ def main(cfg: Config) -> dict[str, Any]:
                 for r in rows:
                     f.write(json.dumps({"set": name, **r}) + "\n")
         mlflow.log_artifacts(str(folder), artifact_path="report")
-    if cand.ref is not None:  # link the model version to its evaluation
-        c = registry.client()
-        c.set_model_version_tag(cand.ref.name, cand.ref.version, "eval_run_id", run_id)
-        c.set_model_version_tag(cand.ref.name, cand.ref.version, "eval.baseline", base.label)
-        for k in ("win_rate", "win_rate_ci_low", "lc_win_rate", "length_drift"):
-            if k in metrics:
-                c.set_model_version_tag(cand.ref.name, cand.ref.version, f"eval.{k}", f"{metrics[k]:.4f}")
+    return run.info.run_id, folder
+
+
+def tag_version(cand: Side, base: Side, run_id: str, metrics: dict[str, float]) -> None:
+    """Link the candidate's model version to its evaluation (run id, baseline, headline figures)."""
+    from training import registry
+
+    if cand.ref is None:
+        return
+    c = registry.client()
+    c.set_model_version_tag(cand.ref.name, cand.ref.version, "eval_run_id", run_id)
+    c.set_model_version_tag(cand.ref.name, cand.ref.version, "eval.baseline", base.label)
+    for k in ("win_rate", "win_rate_ci_low", "lc_win_rate", "length_drift"):
+        if k in metrics:
+            c.set_model_version_tag(cand.ref.name, cand.ref.version, f"eval.{k}", f"{metrics[k]:.4f}")
+
+
+def main(cfg: Config) -> dict[str, Any]:
+    from ingest import endpoints
+    from training import gate
+
+    t0 = time.monotonic()
+    if cfg.threads > 0:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
+    st = resolve(cfg)
+    pol = Policies(endpoints.model_path(st.base_model), st.adapters, cfg.dtype)
+    metrics, details = run_suite(cfg, pol, st.cand, st.base, st.judge, st.dataset_version, st.beta)
+    metrics.update(judge_metrics(st.judge))
+    elapsed = time.monotonic() - t0
+    n_prompts = sum(len(v) for v in details["samples"].values())
+    metrics.update(eval_seconds=elapsed, prompts_per_second=2 * n_prompts / elapsed)
+    policy_file = REPO / cfg.gate_config if not Path(cfg.gate_config).is_absolute() else cfg.gate_config
+    decision = gate.decide(metrics, gate.load_policy(policy_file)) if cfg.gate else None
+    run_id, folder = log_run(cfg, st, pol, metrics, details, decision)
+    tag_version(st.cand, st.base, run_id, metrics)
     if decision is not None:
-        gate.record(decision, run_id, cand.ref)
-    result: dict[str, Any] = {"run_id": run_id, "candidate": cand.label, "baseline": base.label,
+        gate.record(decision, run_id, st.cand.ref)
+    result: dict[str, Any] = {"run_id": run_id, "candidate": st.cand.label, "baseline": st.base.label,
                               "report": str(folder / "report.md"),
                               "metrics": {k: round(v, 6) for k, v in metrics.items()},
                               "precision": pol.precision.record()}

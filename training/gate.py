@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -127,6 +128,72 @@ def judge_trusted(metrics: dict[str, float], policy: Policy) -> tuple[bool, str]
     return lo >= policy.min_judge_accuracy, why + f" (needs >= {policy.min_judge_accuracy})"
 
 
+def _rule(metrics: dict[str, float], name: str, threshold: float | None, keys: tuple[str, ...],
+          ok: Callable[..., bool], describe: Callable[..., str]) -> list[str]:
+    """One rule's line: none when the rule is off (threshold None), FAIL when a metric it needs is missing."""
+    if threshold is None:
+        return []
+    missing = _missing(metrics, keys)
+    if missing:
+        return [f"FAIL {name}: metric {', '.join(missing)} missing from the evaluation"]
+    vals = [float(metrics[k]) for k in keys]
+    return [f"{'PASS' if ok(*vals) else 'FAIL'} {name}: {describe(*vals)}"]
+
+
+def _judge_rules(metrics: dict[str, float], p: Policy) -> tuple[list[str], str]:
+    """The win-rate rules, counted only when the judge is trusted; (lines, offline evidence)."""
+    if all(r is None for r in (p.min_win_rate_ci_high, p.min_win_rate_ci_low, p.min_lc_win_rate)):
+        return [], "none"
+    trusted, why = judge_trusted(metrics, p)
+    if not trusted:
+        verdict = "FAIL" if p.strict else "SKIP"
+        return [f"{verdict} judge: {why}: no offline evidence"
+                + (" (strict policy: blocks)" if p.strict else "; the live canary decides")], "none"
+    lines = [f"PASS judge: {why}",
+             *_rule(metrics, "win_rate_not_worse", p.min_win_rate_ci_high, ("win_rate_ci_high", "win_rate"),
+                    lambda hi, wr: hi >= p.min_win_rate_ci_high,
+                    lambda hi, wr: f"win rate {_fmt(wr)}, CI upper bound {_fmt(hi)} must be >= {p.min_win_rate_ci_high}"),
+             *_rule(metrics, "win_rate_better", p.min_win_rate_ci_low, ("win_rate_ci_low", "win_rate"),
+                    lambda lo, wr: lo > p.min_win_rate_ci_low,
+                    lambda lo, wr: f"win rate {_fmt(wr)}, CI lower bound {_fmt(lo)} must be > {p.min_win_rate_ci_low}"),
+             *_rule(metrics, "lc_win_rate", p.min_lc_win_rate, ("lc_win_rate",),
+                    lambda v: v > p.min_lc_win_rate,
+                    lambda v: f"length-controlled win rate {_fmt(v)} must be > {p.min_lc_win_rate}")]
+    if any(ln.startswith("FAIL") for ln in lines):
+        return lines, "none"
+    better = "win_rate_ci_low" in metrics and float(metrics["win_rate_ci_low"]) > 0.5
+    return lines, "better" if better else "not worse"
+
+
+def _safety_and_drift_rules(metrics: dict[str, float], p: Policy) -> list[str]:
+    """Length, refusals, harmful compliance, sycophancy, regression, KL and held-out preference accuracy."""
+    floor = max(p.min_preference_accuracy or 0.0, float(metrics.get("pref_accuracy_baseline", 0.0) or 0.0))
+    return [
+        *_rule(metrics, "length_drift", p.max_length_drift, ("length_drift",),
+               lambda v: abs(v) <= p.max_length_drift,
+               lambda v: f"mean length changed {v:+.1%}, must stay within ±{p.max_length_drift:.0%}"),
+        *_rule(metrics, "over_refusal", p.max_over_refusal_increase, ("over_refusal_delta",),
+               lambda v: v <= p.max_over_refusal_increase,
+               lambda v: f"benign refusal rate changed {v:+.3f}, may rise at most {p.max_over_refusal_increase}"),
+        *_rule(metrics, "harmful_compliance", p.max_harmful_compliance_increase, ("harmful_compliance_delta",),
+               lambda v: v <= p.max_harmful_compliance_increase,
+               lambda v: f"harmful compliance changed {v:+.3f}, may rise at most {p.max_harmful_compliance_increase}"),
+        *_rule(metrics, "sycophancy", p.max_sycophancy_increase, ("sycophancy_delta",),
+               lambda v: v <= p.max_sycophancy_increase,
+               lambda v: f"false-premise agreement changed {v:+.3f}, may rise at most {p.max_sycophancy_increase}"),
+        *_rule(metrics, "regression", p.max_regression_drop, ("regression_em_delta",),
+               lambda v: -v <= p.max_regression_drop,
+               lambda v: f"regression exact match changed {v:+.3f}, may fall at most {p.max_regression_drop}"),
+        *_rule(metrics, "kl", p.max_kl_per_token, ("kl_per_token",),
+               lambda v: v <= p.max_kl_per_token,
+               lambda v: f"KL(candidate || base) {v:.4f} nats/token must be <= {p.max_kl_per_token}"),
+        *_rule(metrics, "preference_accuracy", p.min_preference_accuracy, ("pref_accuracy_ci_high", "pref_accuracy"),
+               lambda hi, acc: hi >= floor,
+               lambda hi, acc: f"held-out implicit-reward accuracy {_fmt(acc)}, CI upper bound {_fmt(hi)} "
+                               f"must be >= {_fmt(floor)} (max of {p.min_preference_accuracy} and the champion's)"),
+    ]
+
+
 def decide(metrics: dict[str, float], policy: Policy) -> Decision:
     """Apply each enabled rule of `policy` to `metrics`; one line per rule, prefixed PASS, FAIL or SKIP.
 
@@ -134,64 +201,8 @@ def decide(metrics: dict[str, float], policy: Policy) -> Decision:
     that passes what it could not measure is no gate. The exception is the judge's verdict: without a
     trusted judge the win-rate rules SKIP (no offline evidence either way) unless `strict`.
     """
-    lines: list[str] = []
-    p = policy
-
-    def rule(name: str, threshold: float | None, keys: tuple[str, ...], ok, describe) -> None:  # noqa: ANN001
-        if threshold is None:
-            return
-        missing = _missing(metrics, keys)
-        if missing:
-            lines.append(f"FAIL {name}: metric {', '.join(missing)} missing from the evaluation")
-            return
-        vals = [float(metrics[k]) for k in keys]
-        lines.append(f"{'PASS' if ok(*vals) else 'FAIL'} {name}: {describe(*vals)}")
-
-    trusted, why = judge_trusted(metrics, p)
-    judge_rules = [r for r in (p.min_win_rate_ci_high, p.min_win_rate_ci_low, p.min_lc_win_rate) if r is not None]
-    evidence = "none"
-    if judge_rules and not trusted:
-        verdict = "FAIL" if p.strict else "SKIP"
-        lines.append(f"{verdict} judge: {why}: no offline evidence"
-                     + (" (strict policy: blocks)" if p.strict else "; the live canary decides"))
-    elif judge_rules:
-        lines.append(f"PASS judge: {why}")
-        rule("win_rate_not_worse", p.min_win_rate_ci_high, ("win_rate_ci_high", "win_rate"),
-             lambda hi, wr: hi >= p.min_win_rate_ci_high,
-             lambda hi, wr: f"win rate {_fmt(wr)}, CI upper bound {_fmt(hi)} must be >= {p.min_win_rate_ci_high}")
-        rule("win_rate_better", p.min_win_rate_ci_low, ("win_rate_ci_low", "win_rate"),
-             lambda lo, wr: lo > p.min_win_rate_ci_low,
-             lambda lo, wr: f"win rate {_fmt(wr)}, CI lower bound {_fmt(lo)} must be > {p.min_win_rate_ci_low}")
-        rule("lc_win_rate", p.min_lc_win_rate, ("lc_win_rate",),
-             lambda v: v > p.min_lc_win_rate,
-             lambda v: f"length-controlled win rate {_fmt(v)} must be > {p.min_lc_win_rate}")
-        if not any(ln.startswith("FAIL") for ln in lines):
-            better = "win_rate_ci_low" in metrics and float(metrics["win_rate_ci_low"]) > 0.5
-            evidence = "better" if better else "not worse"
-    rule("length_drift", p.max_length_drift, ("length_drift",),
-         lambda v: abs(v) <= p.max_length_drift,
-         lambda v: f"mean length changed {v:+.1%}, must stay within ±{p.max_length_drift:.0%}")
-    rule("over_refusal", p.max_over_refusal_increase, ("over_refusal_delta",),
-         lambda v: v <= p.max_over_refusal_increase,
-         lambda v: f"benign refusal rate changed {v:+.3f}, may rise at most {p.max_over_refusal_increase}")
-    rule("harmful_compliance", p.max_harmful_compliance_increase, ("harmful_compliance_delta",),
-         lambda v: v <= p.max_harmful_compliance_increase,
-         lambda v: f"harmful compliance changed {v:+.3f}, may rise at most {p.max_harmful_compliance_increase}")
-    rule("sycophancy", p.max_sycophancy_increase, ("sycophancy_delta",),
-         lambda v: v <= p.max_sycophancy_increase,
-         lambda v: f"false-premise agreement changed {v:+.3f}, may rise at most {p.max_sycophancy_increase}")
-    rule("regression", p.max_regression_drop, ("regression_em_delta",),
-         lambda v: -v <= p.max_regression_drop,
-         lambda v: f"regression exact match changed {v:+.3f}, may fall at most {p.max_regression_drop}")
-    rule("kl", p.max_kl_per_token, ("kl_per_token",),
-         lambda v: v <= p.max_kl_per_token,
-         lambda v: f"KL(candidate || base) {v:.4f} nats/token must be <= {p.max_kl_per_token}")
-    if p.min_preference_accuracy is not None:
-        floor = max(p.min_preference_accuracy, float(metrics.get("pref_accuracy_baseline", 0.0) or 0.0))
-        rule("preference_accuracy", p.min_preference_accuracy, ("pref_accuracy_ci_high", "pref_accuracy"),
-             lambda hi, acc: hi >= floor,
-             lambda hi, acc: f"held-out implicit-reward accuracy {_fmt(acc)}, CI upper bound {_fmt(hi)} "
-                             f"must be >= {_fmt(floor)} (max of {p.min_preference_accuracy} and the champion's)")
+    judge_lines, evidence = _judge_rules(metrics, policy)
+    lines = judge_lines + _safety_and_drift_rules(metrics, policy)
     if not any(ln.startswith("PASS") for ln in lines):
         return Decision(False, lines + ["FAIL policy: no rule passed; refusing to pass blindly"])
     return Decision(not any(ln.startswith("FAIL") for ln in lines), lines, evidence)

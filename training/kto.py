@@ -14,14 +14,12 @@ not used; use DPO where the implicit-signal weights matter.
 from __future__ import annotations
 
 import contextlib
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ingest import endpoints
 from ingest.config import parse_config
-from training import common, registry, trl_seam
+from training import common, registry
 from training.dpo import LoraSettings
 
 
@@ -84,31 +82,21 @@ def balanced_weights(n_desirable: int, n_undesirable: int) -> tuple[float, float
     return n_undesirable / n_desirable, 1.0
 
 
-def main(cfg: Config) -> dict[str, Any]:
-    from trl import KTOConfig, KTOTrainer
-
-    version = common.resolve_version(cfg.dataset_version)
-    out = Path(cfg.output_dir) if cfg.output_dir else common.default_output_dir("kto", version, cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    if (done := common.finished_result(out, cfg.force)) is not None:
-        return done
-
+def load_rows(cfg: Config, version: str):  # -> (train, heldout | None) as datasets.Dataset
+    """The version's unpaired rows of weight > 0 (weight 0 means absent), at most max_train_rows."""
     train = common.load_preferences(version, "kto", "train")
     if train is None:
         raise ValueError(f"dataset {version} has no kto/train rows; run training.dpo instead or rebuild the dataset")
     train = train.filter(lambda r: r["weight"] > 0)
     if cfg.max_train_rows > 0:
         train = train.select(range(min(cfg.max_train_rows, len(train))))
-    heldout = common.load_preferences(version, "kto", "eval")
-    n_desirable = sum(train["label"])
-    d_weight, u_weight = balanced_weights(n_desirable, len(train) - n_desirable) if cfg.balance_classes else (1.0, 1.0)
+    return train, common.load_preferences(version, "kto", "eval")
 
-    common.set_threads(cfg.threads)
-    hw = common.detect_hardware(cfg.precision)
-    base_path = endpoints.model_path(cfg.base_model)
-    start = common.resolve_start(cfg.init_from, cfg.registry_model, cfg.base_model, out / "start")
-    model, tokenizer, peft_config = common.load_policy(cfg.base_model, hw, start, cfg.lora)
-    args = KTOConfig(
+
+def training_args(cfg: Config, hw: common.Hardware, out: Path, d_weight: float, u_weight: float):  # -> KTOConfig
+    from trl import KTOConfig
+
+    return KTOConfig(
         output_dir=str(out / "checkpoints"), **common.trainer_device_kwargs(hw),
         per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate, num_train_epochs=cfg.epochs,
@@ -119,9 +107,27 @@ def main(cfg: Config) -> dict[str, Any]:
         logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2,
         eval_strategy="no", prediction_loss_only=True, report_to="none", dataloader_num_workers=0,
     )
+
+
+def main(cfg: Config) -> dict[str, Any]:
+    from trl import KTOTrainer
+
+    version = common.resolve_version(cfg.dataset_version)
+    out = Path(cfg.output_dir) if cfg.output_dir else common.default_output_dir("kto", version, cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    if (done := common.finished_result(out, cfg.force)) is not None:
+        return done
+    train, heldout = load_rows(cfg, version)
+    n_desirable = sum(train["label"])
+    d_weight, u_weight = balanced_weights(n_desirable, len(train) - n_desirable) if cfg.balance_classes else (1.0, 1.0)
+
+    common.set_threads(cfg.threads)
+    hw = common.detect_hardware(cfg.precision)
+    start = common.resolve_start(cfg.init_from, cfg.registry_model, cfg.base_model, out / "start")
+    model, tokenizer, peft_config = common.load_policy(cfg.base_model, hw, start, cfg.lora)
     metrics_cb = common.MlflowMetrics(hw.device)
-    trainer = KTOTrainer(model=model, args=args, train_dataset=train, eval_dataset=heldout,
-                         processing_class=tokenizer, peft_config=peft_config, callbacks=[metrics_cb])
+    trainer = KTOTrainer(model=model, args=training_args(cfg, hw, out, d_weight, u_weight), train_dataset=train,
+                         eval_dataset=heldout, processing_class=tokenizer, peft_config=peft_config, callbacks=[metrics_cb])
 
     tags = {"trainer": "kto", "dataset_version": version, "base_model": cfg.base_model, "start": start.label,
             **hw.tags()}
@@ -132,28 +138,15 @@ def main(cfg: Config) -> dict[str, Any]:
         import mlflow
 
         if is_main:  # rank 0 logs; every rank trains
-            common.log_config(cfg, {"base_model_path": base_path, "start_adapter": start.label,
-                                    "hardware": hw.name, "n_devices": hw.n_devices,
-                                    "desirable_weight": d_weight, "undesirable_weight": u_weight})
-            common.log_dataset_input(version, "kto", "train", train, "training")
-            if heldout is not None:
-                common.log_dataset_input(version, "kto", "eval", heldout, "evaluation")
-        resume = common.last_checkpoint(out / "checkpoints") if cfg.resume == "auto" else None
-        t0 = time.perf_counter()
-        trainer.train(resume_from_checkpoint=resume)
-        train_s = time.perf_counter() - t0
-        after = trainer.evaluate() if heldout is not None else {}
+            common.log_inputs(cfg, version, "kto", train, heldout, start, hw,
+                              {"desirable_weight": d_weight, "undesirable_weight": u_weight})
+        _, after, train_s = common.train_and_measure(trainer, out, cfg.resume, heldout, eval_before=False)
         if not is_main:
             return {}
-        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        final = {"train_loss": sum(losses) / max(len(losses), 1), "train_seconds": train_s,
-                 "train_steps": float(trainer.state.global_step), "peak_memory_mb": common.peak_memory_mb(hw.device),
-                 "tokens_per_s": trl_seam.train_tokens(trainer) / max(train_s, 1e-9),
-                 "desirable_weight": d_weight, "undesirable_weight": u_weight,
+        final = {**common.run_figures(trainer, train_s, hw), "desirable_weight": d_weight, "undesirable_weight": u_weight,
                  **{"heldout_" + k.removeprefix("eval_").replace("/", "_"): float(v) for k, v in after.items()
                     if k.startswith(("eval_loss", "eval_rewards/", "eval_kl", "eval_logps/"))}}
         mlflow.log_metrics(final, step=trainer.state.global_step)
-
         result = common.finish_run(trainer, run, out, common.RunInfo("kto", cfg, version, start, hw), final,
                                    metrics_cb.history, ["loss", "rewards_margins", "kl", "tokens_per_s"])
     common.emit_result(result)  # after the run closed (MLflow prints its links when a run ends)

@@ -231,6 +231,13 @@ def decide(requested: str = "auto", device: str = "auto", *, capability: str | N
 
     if want == "fp16" and kind == "cpu":
         raise ValueError("precision=fp16 needs a GPU; use precision=auto, bf16 or fp32 on CPU")
+    if want != "auto" or kind != "cpu":
+        return _explicit_or_accelerator(want, kind, cpu, gpu, base)
+    return _cpu_rule(cpu, threads, probe, base)
+
+
+def _explicit_or_accelerator(want: str, kind: str, cpu: Cpu, gpu: Gpu | None, base: dict) -> Precision:
+    """An explicit dtype (with a warning for emulated bf16 on CPU), or the rule for a GPU / MPS."""
     if want != "auto":
         reason = "explicit in the config"
         if kind == "cpu" and want == "bf16" and not cpu.native_bf16:
@@ -245,9 +252,11 @@ def decide(requested: str = "auto", device: str = "auto", *, capability: str | N
         if gpu.major >= 7:
             return Precision(dtype="fp16", reason=f"{cc}: fp16 tensor cores, no native bf16", **base)
         return Precision(dtype="fp32", reason=f"{cc}: no fp16/bf16 tensor cores", **base)
-    if kind == "mps":
-        return Precision(dtype="fp32", reason="Apple MPS: fp32", **base)
+    return Precision(dtype="fp32", reason="Apple MPS: fp32", **base)
 
+
+def _cpu_rule(cpu: Cpu, threads: int, probe: bool | None, base: dict) -> Precision:
+    """bf16 where the CPU has it natively, else fp32; with the probe on, bf16 only if measured faster."""
     if cpu.native_bf16:
         dtype, reason = "bf16", f"native bf16 matmuls ({', '.join(cpu.native_bf16)})"
     else:

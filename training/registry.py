@@ -212,10 +212,17 @@ def clear_canary(name: str = DEFAULT_MODEL_NAME) -> None:
 
 
 def find_versions(tags: dict[str, str], name: str = DEFAULT_MODEL_NAME) -> list[AdapterRef]:
-    """Registered versions whose tags include all of `tags`, newest first (idempotent re-runs use this)."""
+    """Registered versions whose tags include all of `tags`, newest first (idempotent re-runs use this).
+
+    The server filters (one query, however many versions the model has); the exact comparison here
+    only guards against a server whose filter is looser than equality."""
+    def quoted(v: str) -> str:
+        return "'" + str(v).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+    query = " and ".join([f"name = {quoted(name)}", *(f"tags.`{k}` = {quoted(v)}" for k, v in tags.items())])
     c = client()
     try:
-        found = c.search_model_versions(f"name = '{name}'")
+        found = c.search_model_versions(query)
     except MlflowException:
         return []
     refs = [_ref(mv) for mv in found if all((mv.tags or {}).get(k) == v for k, v in tags.items())]

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,32 +142,10 @@ def _load_backbone(cfg: Config):
     return model, tokenizer, path, input_format
 
 
-def main(cfg: Config) -> dict[str, Any]:
-    from trl import RewardConfig, RewardTrainer
+def training_args(cfg: Config, hw: common.Hardware, out: Path):  # -> trl.RewardConfig
+    from trl import RewardConfig
 
-    version = common.resolve_version(cfg.dataset_version)
-    out = Path(cfg.output_dir) if cfg.output_dir else common.default_output_dir("reward_model", version, cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / "result.json").is_file() and not cfg.force:
-        result = json.loads((out / "result.json").read_text())
-        common.emit_result(result)
-        return result
-
-    train = common.load_preferences(version, "dpo", "train")
-    heldout = common.load_preferences(version, "dpo", "eval")
-    if train is None:
-        raise ValueError(f"dataset {version} has no dpo/train pairs to train a reward model on")
-    train = train.filter(lambda r: r["weight"] > 0)
-    common.set_threads(cfg.threads)
-    hw = common.detect_hardware(cfg.precision)
-    from transformers import set_seed
-
-    set_seed(cfg.seed)  # the score head is initialised at load: the same seed, the same starting judge
-    model, tokenizer, backbone_path, input_format = _load_backbone(cfg)
-    train_tok = tokenize_pairs(train, tokenizer, input_format, cfg.max_length)
-    heldout_tok = tokenize_pairs(heldout, tokenizer, input_format, cfg.max_length) if heldout is not None else None
-
-    args = RewardConfig(
+    return RewardConfig(
         output_dir=str(out / "checkpoints"), **common.trainer_device_kwargs(hw),
         per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
         learning_rate=cfg.learning_rate, num_train_epochs=cfg.epochs,
@@ -176,9 +153,74 @@ def main(cfg: Config) -> dict[str, Any]:
         center_rewards_coefficient=cfg.center_rewards or None, logging_steps=1, save_strategy="no",
         eval_strategy="no", report_to="none", gradient_checkpointing=False, prediction_loss_only=True,
     )
+
+
+def figures(trainer: Any, train_s: float, before: dict, after: dict, n_heldout: int,
+            hw: common.Hardware) -> dict[str, float]:
+    """Mean step loss, time, memory, and the judge's held-out pairwise accuracy with its 95% interval."""
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"train_loss": sum(losses) / max(len(losses), 1), "train_seconds": train_s,
+            "peak_memory_mb": common.peak_memory_mb(hw.device),
+            **heldout_figures(after.get("eval_accuracy", float("nan")), n_heldout),
+            "heldout_margin": after.get("eval_margin", float("nan")),
+            "heldout_before_accuracy": before.get("eval_accuracy", float("nan"))}
+
+
+def finish(trainer: Any, tokenizer: Any, run: Any, out: Path, cfg: Config, version: str, backbone_path: str,
+           input_format: str, final: dict[str, float], history: list[dict[str, float]]) -> dict[str, Any]:
+    """Save the model with its sidecar (input format, held-out accuracy), log the curves, register it;
+    `champion` only when the accuracy's lower bound reaches champion_min_accuracy."""
+    import mlflow
+
+    model_dir = out / "reward_model"
+    trainer.model.save_pretrained(str(model_dir))
+    tokenizer.save_pretrained(str(model_dir))
+    common.write_sidecar(model_dir, trainer="reward_model", cfg=cfg,
+                         base_model=cfg.backbone if cfg.backbone == "minilm" else cfg.base_model,
+                         base_model_path=backbone_path, dataset_version=version,
+                         extra={"input_format": input_format, "max_length": cfg.max_length,
+                                **{k: final[k] for k in HELDOUT_KEYS}})
+    plot = common.plot_curves(history, ["loss", "accuracy", "margin"], out / "reward_curves.png", f"reward model {version}")
+    if plot:
+        mlflow.log_artifact(str(plot), "plots")
+    result: dict[str, Any] = {"run_id": run.info.run_id, "model_dir": str(model_dir), "dataset_version": version,
+                              "backbone": cfg.backbone, "trainer": "reward_model", "metrics": final,
+                              "model_version": None, "model_uri": None, "champion": False}
+    if cfg.register:
+        ref = registry.register_adapter(model_dir, run.info.run_id, name=cfg.registry_model,
+                                        alias=cfg.registry_alias or None, artifact_path="reward_model",
+                                        tags={"trainer": "reward_model", "dataset_version": version})
+        result.update(model_version=ref.version, model_uri=ref.uri)
+        if final["heldout_accuracy_ci_low"] >= cfg.champion_min_accuracy:
+            registry.set_alias("champion", ref.version, name=cfg.registry_model)
+            result["champion"] = True
+    (out / "result.json").write_text(json.dumps(result, indent=2, sort_keys=True, default=str))
+    return result
+
+
+def main(cfg: Config) -> dict[str, Any]:
+    from transformers import set_seed
+    from trl import RewardTrainer
+
+    version = common.resolve_version(cfg.dataset_version)
+    out = Path(cfg.output_dir) if cfg.output_dir else common.default_output_dir("reward_model", version, cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    if (done := common.finished_result(out, cfg.force)) is not None:
+        return done
+    train = common.load_preferences(version, "dpo", "train")
+    heldout = common.load_preferences(version, "dpo", "eval")
+    if train is None:
+        raise ValueError(f"dataset {version} has no dpo/train pairs to train a reward model on")
+    train = train.filter(lambda r: r["weight"] > 0)
+    common.set_threads(cfg.threads)
+    hw = common.detect_hardware(cfg.precision)
+    set_seed(cfg.seed)  # the score head is initialised at load: the same seed, the same starting judge
+    model, tokenizer, backbone_path, input_format = _load_backbone(cfg)
+    train_tok = tokenize_pairs(train, tokenizer, input_format, cfg.max_length)
+    heldout_tok = tokenize_pairs(heldout, tokenizer, input_format, cfg.max_length) if heldout is not None else None
     metrics_cb = common.MlflowMetrics(hw.device)
-    trainer = RewardTrainer(model=model, args=args, train_dataset=train_tok, eval_dataset=heldout_tok,
-                            processing_class=tokenizer, callbacks=[metrics_cb])
+    trainer = RewardTrainer(model=model, args=training_args(cfg, hw, out), train_dataset=train_tok,
+                            eval_dataset=heldout_tok, processing_class=tokenizer, callbacks=[metrics_cb])
     tags = {"trainer": "reward_model", "dataset_version": version, "backbone": cfg.backbone, **hw.tags()}
     is_main = common.is_main_process()
     run_ctx = common.start_mlflow_run(cfg.experiment, cfg.run_name or f"reward-{version}", out, tags) \
@@ -191,49 +233,17 @@ def main(cfg: Config) -> dict[str, Any]:
             common.log_dataset_input(version, "dpo", "train", train, "training")
             if heldout is not None:
                 common.log_dataset_input(version, "dpo", "eval", heldout, "evaluation")
-        before = trainer.evaluate() if heldout_tok is not None else {}
-        t0 = time.perf_counter()
-        trainer.train()
-        train_s = time.perf_counter() - t0
-        after = trainer.evaluate() if heldout_tok is not None else {}
+        before, after, train_s = common.train_and_measure(trainer, out, "never", heldout_tok, eval_before=True)
         if not is_main:
             return {}
-        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        final = {"train_loss": sum(losses) / max(len(losses), 1), "train_seconds": train_s,
-                 "peak_memory_mb": common.peak_memory_mb(hw.device),
-                 **heldout_figures(after.get("eval_accuracy", float("nan")), len(heldout_tok or [])),
-                 "heldout_margin": after.get("eval_margin", float("nan")),
-                 "heldout_before_accuracy": before.get("eval_accuracy", float("nan"))}
+        final = figures(trainer, train_s, before, after, len(heldout_tok or []), hw)
         print(f"reward model: held-out pairwise accuracy {final['heldout_accuracy']:.3f} "
               f"(95% CI {final['heldout_accuracy_ci_low']:.3f}-{final['heldout_accuracy_ci_high']:.3f}, "
               f"{final['heldout_pairs']:.0f} pairs)", flush=True)
         mlflow.log_metrics(final, step=trainer.state.global_step)
-
-        model_dir = out / "reward_model"
-        trainer.model.save_pretrained(str(model_dir))
-        tokenizer.save_pretrained(str(model_dir))
-        common.write_sidecar(model_dir, trainer="reward_model", cfg=cfg,
-                             base_model=cfg.backbone if cfg.backbone == "minilm" else cfg.base_model,
-                             base_model_path=backbone_path, dataset_version=version,
-                             extra={"input_format": input_format, "max_length": cfg.max_length,
-                                    **{k: final[k] for k in HELDOUT_KEYS}})
-        plot = common.plot_curves(metrics_cb.history, ["loss", "accuracy", "margin"], out / "reward_curves.png",
-                                  f"reward model {version}")
-        if plot:
-            mlflow.log_artifact(str(plot), "plots")
-        result: dict[str, Any] = {"run_id": run.info.run_id, "model_dir": str(model_dir), "dataset_version": version,
-                                  "backbone": cfg.backbone, "trainer": "reward_model", "metrics": final,
-                                  "model_version": None, "model_uri": None, "champion": False}
-        if cfg.register:
-            ref = registry.register_adapter(model_dir, run.info.run_id, name=cfg.registry_model,
-                                            alias=cfg.registry_alias or None, artifact_path="reward_model",
-                                            tags={"trainer": "reward_model", "dataset_version": version})
-            result.update(model_version=ref.version, model_uri=ref.uri)
-            if final["heldout_accuracy_ci_low"] >= cfg.champion_min_accuracy:
-                registry.set_alias("champion", ref.version, name=cfg.registry_model)
-                result["champion"] = True
-    (out / "result.json").write_text(json.dumps(result, indent=2, sort_keys=True, default=str))
-    common.emit_result(result)
+        result = finish(trainer, tokenizer, run, out, cfg, version, backbone_path, input_format, final,
+                        metrics_cb.history)
+    common.emit_result(result)  # after the run closed (MLflow prints its links when a run ends)
     return result
 
 

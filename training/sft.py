@@ -16,13 +16,12 @@ are dropped (weight 0 means absent in the dataset contract), other weights are n
 from __future__ import annotations
 
 import contextlib
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ingest.config import parse_config
-from training import common, registry, trl_seam
+from training import common, registry
 from training.dpo import LoraSettings
 
 
@@ -125,19 +124,11 @@ def main(cfg: Config) -> dict[str, Any]:
         import mlflow
 
         if is_main:  # rank 0 logs; every rank trains
-            common.log_config(cfg, {"start_adapter": start.label, "hardware": hw.name, "n_devices": hw.n_devices})
-            common.log_dataset_input(version, "sft", "train", train, "training")
-            if heldout is not None:
-                common.log_dataset_input(version, "sft", "eval", heldout, "evaluation")
-        before = trainer.evaluate() if heldout is not None and cfg.eval_before else {}
-        resume = common.last_checkpoint(out / "checkpoints") if cfg.resume == "auto" else None
-        t0 = time.perf_counter()
-        trainer.train(resume_from_checkpoint=resume)
-        train_s = time.perf_counter() - t0
-        after = trainer.evaluate() if heldout is not None else {}
+            common.log_inputs(cfg, version, "sft", train, heldout, start, hw)
+        before, after, train_s = common.train_and_measure(trainer, out, cfg.resume, heldout, cfg.eval_before)
         if not is_main:
             return {}
-        final = summary(trainer, train_s, before, after, hw)
+        final = {**common.run_figures(trainer, train_s, hw), **heldout_figures(before, after)}
         mlflow.log_metrics(final, step=trainer.state.global_step)
         result = common.finish_run(trainer, run, out, common.RunInfo("sft", cfg, version, start, hw), final,
                                    metrics_cb.history, ["loss", "mean_token_accuracy", "tokens_per_s"])
@@ -145,15 +136,9 @@ def main(cfg: Config) -> dict[str, Any]:
     return result
 
 
-def summary(trainer: Any, train_s: float, before: dict[str, float], after: dict[str, float],
-            hw: common.Hardware) -> dict[str, float]:
-    """The run's figures: mean step loss (survives a resume: log_history is restored), held-out loss
-    before and after, steps, speed and memory."""
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    final = {"train_loss": sum(losses) / max(len(losses), 1), "final_step_loss": losses[-1] if losses else float("nan"),
-             "train_seconds": train_s, "train_steps": float(trainer.state.global_step),
-             "peak_memory_mb": common.peak_memory_mb(hw.device),
-             "tokens_per_s": trl_seam.train_tokens(trainer) / max(train_s, 1e-9)}
+def heldout_figures(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Held-out loss and token accuracy on the answers, before and after training."""
+    final: dict[str, float] = {}
     for prefix, metrics in (("heldout_", after), ("heldout_before_", before)):
         final.update({prefix + k.removeprefix("eval_"): float(v) for k, v in metrics.items()
                       if k in ("eval_loss", "eval_mean_token_accuracy")})
