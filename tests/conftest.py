@@ -87,3 +87,17 @@ def tiny_model() -> str:
             if old:
                 os.environ["FLYWHEEL_VAR"] = old
     return str(path)
+
+
+# Markers from what a test uses, not from a hand-kept list: any test that (directly or through another
+# fixture) needs the stack is `stack`, any that needs a model is `model`, so `-m "not stack"` or
+# `-m "not model"` select the fast tests reliably. `make test` runs everything.
+FIXTURE_MARKERS = {"stack": "stack", "tiny_model": "model"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        for fixture, marker in FIXTURE_MARKERS.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(marker)
+
