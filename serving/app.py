@@ -626,6 +626,16 @@ def tenant_of(service: Service, request: Request) -> str | None:
     return tenant
 
 
+async def _body(request: Request, model: type[BaseModel], limit: int) -> Any:  # noqa: ANN401 - an instance of model
+    """The request's JSON (bounded by `limit` bytes and the http config) validated as `model`; 422 naming
+    the fields otherwise."""
+    raw = await _read_json(request, limit, _service(request).cfg.http)
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        raise ApiError(422, _describe(e), code="invalid_fields") from None
+
+
 def _body_schema(name: str) -> dict:
     return {"requestBody": {"required": True, "content": {
         "application/json": {"schema": {"$ref": f"#/components/schemas/{name}"}}}}}
@@ -687,11 +697,7 @@ async def model(request: Request, model_id: str) -> dict:
 async def chat(request: Request):  # noqa: ANN201
     service = _service(request)
     tenant = tenant_of(service, request)
-    raw = await _read_json(request, service.cfg.http.max_body_bytes, service.cfg.http)
-    try:
-        req = ChatIn.model_validate(raw)
-    except ValidationError as e:
-        raise ApiError(422, _describe(e), code="invalid_fields") from None
+    req = await _body(request, ChatIn, service.cfg.http.max_body_bytes)
     if req.stream:
         return _stream_chat(service, req, tenant)
     created = int(time.time())
@@ -778,11 +784,7 @@ async def _sse(finals: list[Future], meta: dict, deltas: asyncio.Queue, created:
 async def feedback(request: Request):  # noqa: ANN201
     service = _service(request)
     tenant = tenant_of(service, request)
-    raw = await _read_json(request, service.cfg.http.max_feedback_bytes, service.cfg.http)
-    try:
-        fb = FeedbackIn.model_validate(raw)
-    except ValidationError as e:
-        raise ApiError(422, _describe(e), code="invalid_fields") from None
+    fb = await _body(request, FeedbackIn, service.cfg.http.max_feedback_bytes)
     claims = service.verify_feedback(fb, tenant, request.client.host if request.client else "unknown")
     if not service.feedback_limit.allow(_user_key(tenant, fb.user)):
         raise ApiError(429, f"user {fb.user} sent too much feedback; limit is "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -100,4 +101,27 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         for fixture, marker in FIXTURE_MARKERS.items():
             if fixture in getattr(item, "fixturenames", ()):
                 item.add_marker(marker)
+
+
+_KILLER = """
+import importlib, os, signal, sys
+from ingest.config import parse_config
+from training import common
+
+class KillAfterStep(common.MlflowMetrics):
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == int(os.environ["KILL_AT_STEP"]):
+            os.kill(os.getpid(), signal.SIGKILL)  # a real kill -9, no cleanup
+
+common.MlflowMetrics = KillAfterStep
+job = importlib.import_module(sys.argv[1])
+job.main(parse_config(job.Config, sys.argv[2:]))
+"""
+
+
+def run_killed_at_step(job: str, step: int, *args: str) -> subprocess.CompletedProcess:
+    """Run training job `job` (e.g. "training.dpo") with `args` in a process that kill -9s itself at the
+    end of training step `step`: what a crash mid-run leaves behind, for the resume tests."""
+    return subprocess.run([sys.executable, "-c", _KILLER, job, *args], cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "KILL_AT_STEP": str(step), "PYTHONPATH": str(REPO)}, timeout=300)
 

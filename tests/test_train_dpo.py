@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +17,7 @@ from safetensors.torch import load_file
 
 from ingest import endpoints
 from ingest.config import load_config
+from tests.conftest import run_killed_at_step
 from training import registry
 from training.weighted_dpo import pair_losses, weighted_dpo_loss, weighted_mean
 
@@ -295,31 +293,14 @@ def test_dpo_job_trains_registers_and_continues_from_champion(dpo_dataset: str, 
     assert second["metrics"]["heldout_before_policy_pref_acc"] == m["heldout_policy_pref_acc"]
 
 
-KILLER = """
-import os, signal, sys
-from ingest.config import parse_config
-from training import common, dpo
-
-class KillAfterCheckpoint(common.MlflowMetrics):
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == int(os.environ["KILL_AT_STEP"]):
-            os.kill(os.getpid(), signal.SIGKILL)  # a real kill -9, no cleanup
-
-common.MlflowMetrics = KillAfterCheckpoint
-dpo.main(parse_config(dpo.Config, sys.argv[1:]))
-"""
-
-
 def test_killed_run_resumes_to_the_same_metrics(dpo_dataset: str, tiny_model: str, tmp_path: Path) -> None:
     """kill -9 after step 5 (checkpoint at 3), re-run -> resumes at 3, ends equal to an unkilled run."""
     common_args = ["max_steps=6", "save_steps=3", "precision=fp32", "register=false", "eval_before=false"]
     unkilled = _run_job(dpo_dataset, tmp_path / "unkilled", *common_args)
 
     killed_dir = tmp_path / "killed"
-    env = {**os.environ, "KILL_AT_STEP": "5", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", KILLER, "--config", str(CONFIG), f"dataset_version={dpo_dataset}",
-                           f"output_dir={killed_dir}", "registry_model=flywheel-test-dpo", *common_args],
-                          env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = run_killed_at_step("training.dpo", 5, "--config", str(CONFIG), f"dataset_version={dpo_dataset}",
+                              f"output_dir={killed_dir}", "registry_model=flywheel-test-dpo", *common_args)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert (killed_dir / "checkpoints" / "checkpoint-3").is_dir() and not (killed_dir / "result.json").exists()
     run_id = (killed_dir / "mlflow_run_id").read_text()

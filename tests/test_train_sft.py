@@ -5,10 +5,7 @@ to the same result as an unkilled one."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,6 +14,7 @@ from safetensors.torch import load_file
 
 from ingest import endpoints
 from ingest.config import load_config
+from tests.conftest import run_killed_at_step
 from training import registry
 
 REPO = Path(__file__).resolve().parent.parent
@@ -82,30 +80,13 @@ def test_sft_job_learns_the_answers_registers_and_leaves_the_base_alone(sft_data
     assert _run(sft_dataset, tmp_path / "first", "max_steps=12")["model_version"] == result["model_version"]
 
 
-KILLER = """
-import os, signal, sys
-from ingest.config import parse_config
-from training import common, sft
-
-class KillAfterCheckpoint(common.MlflowMetrics):
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == int(os.environ["KILL_AT_STEP"]):
-            os.kill(os.getpid(), signal.SIGKILL)  # a real kill -9, no cleanup
-
-common.MlflowMetrics = KillAfterCheckpoint
-sft.main(parse_config(sft.Config, sys.argv[1:]))
-"""
-
-
 def test_killed_sft_run_resumes_to_the_same_adapter(sft_dataset: str, tiny_model: str, tmp_path: Path) -> None:
     """kill -9 after step 5 (checkpoint at 4), re-run -> resumes at 4, ends equal to an unkilled run."""
     args = ["max_steps=6", "save_steps=4", "register=false", "eval_before=false", "init_from=base"]
     unkilled = _run(sft_dataset, tmp_path / "unkilled", *args)
     killed = tmp_path / "killed"
-    proc = subprocess.run([sys.executable, "-c", KILLER, "--config", str(CONFIG), f"dataset_version={sft_dataset}",
-                           f"output_dir={killed}", f"registry_model={MODEL}", "precision=fp32", *args],
-                          env={**os.environ, "KILL_AT_STEP": "5", "PYTHONPATH": str(REPO)}, cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    proc = run_killed_at_step("training.sft", 5, "--config", str(CONFIG), f"dataset_version={sft_dataset}",
+                              f"output_dir={killed}", f"registry_model={MODEL}", "precision=fp32", *args)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert (killed / "checkpoints" / "checkpoint-4").is_dir() and not (killed / "result.json").exists()
     resumed = _run(sft_dataset, killed, *args)
