@@ -17,11 +17,22 @@ from pathlib import Path
 REPO = Path(os.environ.get("FLYWHEEL_REPO", Path(__file__).resolve().parent.parent))
 PYTHON = os.environ.get("FLYWHEEL_PYTHON", str(REPO / ".venv" / "bin" / "python"))
 
+# One slot (`python -m infra.stack` creates it; `airflow pools set flywheel_training 1 ...` elsewhere):
+# tasks that train or evaluate a model share one accelerator, so two training DAGs never train at once.
+TRAINING_POOL = "flywheel_training"
+
 DEFAULT_ARGS = {
     "owner": "flywheel",
     "retries": 2,
     "retry_delay": timedelta(minutes=1),
+    # A hung job (a broker that never answers, a stuck collective) fails and is retried instead of
+    # holding its slot forever; jobs that train say how long they may take (`TRAINING`).
+    "execution_timeout": timedelta(minutes=30),
 }
+
+# For the tasks that train or evaluate: the pool, and room for SmolLM2 on a slow CPU (a DPO epoch on
+# an AVX2 machine takes tens of minutes; a GPU run of a larger model, hours).
+TRAINING = {"pool": TRAINING_POOL, "execution_timeout": timedelta(hours=6)}
 
 
 def job(module: str, *args: str) -> str:
@@ -43,12 +54,22 @@ def answer(xcom_line: str | None) -> dict:
     return out
 
 
-def build_dataset_command(ctx: dict) -> str:
-    """`ingest.build_dataset` for the run's window: params window_start/window_end, else the data interval."""
+def window(ctx: dict, period: timedelta) -> tuple[str, str]:
+    """The run's data window as ISO times: params window_start/window_end where given, else the data
+    interval. A run without one (triggered through the REST API with no logical date) covers the
+    `period` before it was triggered, as a scheduled run would."""
     p = ctx["params"]
-    start = p.get("window_start") or ctx["data_interval_start"].isoformat()
-    end = p.get("window_end") or ctx["data_interval_end"].isoformat()
-    return job("ingest.build_dataset", f"start={start}", f"end={end}", *p.get("dataset_overrides", "").split())
+    start, end = ctx.get("data_interval_start"), ctx.get("data_interval_end")
+    if start is None or end is None or start >= end:
+        end = ctx["dag_run"].run_after
+        start = end - period
+    return p.get("window_start") or start.isoformat(), p.get("window_end") or end.isoformat()
+
+
+def build_dataset_command(ctx: dict, period: timedelta) -> str:
+    """`ingest.build_dataset` for the run's window (`window`)."""
+    start, end = window(ctx, period)
+    return job("ingest.build_dataset", f"start={start}", f"end={end}", *ctx["params"].get("dataset_overrides", "").split())
 
 
 def retrain_plan(built: dict, sft_first: bool = False, min_sft_rows: int = 16) -> dict:

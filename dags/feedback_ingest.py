@@ -17,15 +17,18 @@ from datetime import timedelta
 from pathlib import Path
 
 import pendulum
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import DeltaDataIntervalTimetable, Param, dag, get_current_context, task
 
 sys.path.insert(0, str(Path(__file__).parent))  # the shared helper next to this file, wherever it is mounted
-from _flywheel import DEFAULT_ARGS, job  # noqa: E402
+from _flywheel import DEFAULT_ARGS, job, window  # noqa: E402
+
+PERIOD = timedelta(minutes=15)
 
 
 @dag(
     dag_id="feedback_ingest",
-    schedule=timedelta(minutes=15),
+    # Data intervals (not trigger times): a run, manual ones included, covers the period before it.
+    schedule=DeltaDataIntervalTimetable(PERIOD),
     start_date=pendulum.datetime(2026, 11, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
@@ -42,9 +45,8 @@ def feedback_ingest():
 
     @task.bash
     def live_metrics() -> str:
-        ctx = get_current_context()
-        return job("ingest.live_metrics", f"start={ctx['data_interval_start'].isoformat()}",
-                   f"end={ctx['data_interval_end'].isoformat()}", "log_mlflow=true")
+        start, end = window(get_current_context(), PERIOD)
+        return job("ingest.live_metrics", f"start={start}", f"end={end}", "log_mlflow=true")
 
     land_events() >> live_metrics()
 

@@ -27,22 +27,24 @@ and a canary already running for the version is left alone. Params override the 
 from __future__ import annotations
 
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pendulum
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import CronDataIntervalTimetable, Param, dag, get_current_context, task
 
 sys.path.insert(0, str(Path(__file__).parent))  # the shared helper next to this file, wherever it is mounted
-from _flywheel import DEFAULT_ARGS, answer, build_dataset_command, job, retrain_plan  # noqa: E402
+from _flywheel import DEFAULT_ARGS, TRAINING, answer, build_dataset_command, job, retrain_plan  # noqa: E402
 
 MODEL = "flywheel-assistant"
+PERIOD = timedelta(days=1)
 
 
 # --- the tasks (each runs one job; wired together in the DAG below) ---------------------------------
 
 @task.bash
 def build_dataset() -> str:
-    return build_dataset_command(get_current_context())
+    return build_dataset_command(get_current_context(), PERIOD)
 
 @task
 def plan(built: str) -> dict:
@@ -67,7 +69,7 @@ def lookup_candidate(built: str, planned: dict) -> str:
 def need_training(found: str) -> str:
     return "reuse_candidate" if answer(found).get("model_version") else "train_sft"
 
-@task.bash
+@task.bash(**TRAINING)
 def train_sft(built: str, planned: dict) -> str:
     p = get_current_context()["params"]
     if not planned["sft"]:
@@ -85,14 +87,14 @@ def _start_from(sft: str) -> list[str]:
     version = answer(sft).get("model_version")
     return [f"init_from=models:/{MODEL}/{version}"] if version else []
 
-@task.bash
+@task.bash(**TRAINING)
 def train_dpo(built: str, sft: str) -> str:
     p = get_current_context()["params"]
     return job("training.dpo", "--config", p["dpo_config"], f"dataset_version={answer(built)['version']}",
                f"base_model={p['base_model']}", f"registry_model={MODEL}", *_start_from(sft),
                *p["dpo_overrides"].split())
 
-@task.bash
+@task.bash(**TRAINING)
 def train_kto(built: str, sft: str) -> str:
     p = get_current_context()["params"]
     return job("training.kto", "--config", p["kto_config"], f"dataset_version={answer(built)['version']}",
@@ -107,13 +109,13 @@ def pick_candidate(found: str, dpo: str | None, kto: str | None) -> str:
         raise ValueError("no candidate version: training printed none and none was found")
     return str(version)
 
-@task.bash
+@task.bash(**TRAINING)
 def train_reward_model(built: str) -> str:
     p = get_current_context()["params"]
     return job("training.reward_model", "--config", p["reward_model_config"],
                f"dataset_version={answer(built)['version']}", *p["reward_model_overrides"].split())
 
-@task.bash(trigger_rule="none_failed_min_one_success")  # runs without train_reward_model on the KTO path
+@task.bash(trigger_rule="none_failed_min_one_success", **TRAINING)  # runs without train_reward_model on the KTO path
 def evaluate(version: str, judge: str | None) -> str:
     ctx = get_current_context()
     p = ctx["params"]
@@ -163,7 +165,8 @@ def rejected(decided: str) -> None:
 
 @dag(
     dag_id="preference_retrain",
-    schedule="@daily",
+    # Data intervals (not trigger times): a run, manual ones included, trains on the day before it.
+    schedule=CronDataIntervalTimetable("@daily", timezone="UTC"),
     start_date=pendulum.datetime(2026, 11, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,

@@ -15,20 +15,22 @@ decide in the live canary, through the `rollout` DAG, exactly as for DPO candida
 from __future__ import annotations
 
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import pendulum
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import CronDataIntervalTimetable, Param, dag, get_current_context, task
 
 sys.path.insert(0, str(Path(__file__).parent))  # the shared helper next to this file, wherever it is mounted
-from _flywheel import DEFAULT_ARGS, answer, build_dataset_command, job  # noqa: E402
+from _flywheel import DEFAULT_ARGS, TRAINING, answer, build_dataset_command, job  # noqa: E402
 
 MODEL = "flywheel-assistant"
+PERIOD = timedelta(days=7)
 
 
 @dag(
     dag_id="reward_model_ppo",
-    schedule="@weekly",
+    schedule=CronDataIntervalTimetable("@weekly", timezone="UTC"),
     start_date=pendulum.datetime(2026, 11, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
@@ -47,25 +49,25 @@ MODEL = "flywheel-assistant"
 def reward_model_ppo():
     @task.bash
     def build_dataset() -> str:
-        return build_dataset_command(get_current_context())
+        return build_dataset_command(get_current_context(), PERIOD)
 
     @task.branch
     def enough_feedback(built: str) -> str:
         return "train_reward_model" if answer(built).get("trainable") else "skip_too_little_feedback"
 
-    @task.bash
+    @task.bash(**TRAINING)
     def train_reward_model(built: str) -> str:
         p = get_current_context()["params"]
         return job("training.reward_model", "--config", p["reward_config"],
                    f"dataset_version={answer(built)['version']}")
 
-    @task.bash
+    @task.bash(**TRAINING)
     def train_ppo(built: str, reward: str) -> str:
         p = get_current_context()["params"]
         return job("training.ppo", "--config", p["ppo_config"], f"dataset_version={answer(built)['version']}",
                    f"base_model={p['base_model']}", f"reward_model={answer(reward)['model_version']}")
 
-    @task.bash
+    @task.bash(**TRAINING)
     def evaluate(trained: str) -> str:
         return job("training.evaluate", "--candidate", f"models:/{MODEL}/{answer(trained)['model_version']}",
                    "--baseline", f"models:/{MODEL}@champion", "--judge", "none")

@@ -22,15 +22,17 @@ from datetime import timedelta
 from pathlib import Path
 
 import pendulum
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import DeltaDataIntervalTimetable, Param, dag, get_current_context, task
 
 sys.path.insert(0, str(Path(__file__).parent))  # the shared helper next to this file, wherever it is mounted
-from _flywheel import DEFAULT_ARGS, job  # noqa: E402
+from _flywheel import DEFAULT_ARGS, job, window  # noqa: E402
+
+PERIOD = timedelta(minutes=int(os.environ.get("FLYWHEEL_ROLLOUT_SCHEDULE_MIN", "15")))
 
 
 @dag(
     dag_id="rollout",
-    schedule=timedelta(minutes=int(os.environ.get("FLYWHEEL_ROLLOUT_SCHEDULE_MIN", "15"))),
+    schedule=DeltaDataIntervalTimetable(PERIOD),
     start_date=pendulum.datetime(2026, 11, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
@@ -46,9 +48,8 @@ def rollout():
     @task.bash
     def decide() -> str:
         ctx = get_current_context()
-        p = ctx["params"]
-        end = p.get("window_end") or ctx["data_interval_end"].isoformat()
-        return job("training.rollout", f"window_end={end}", *p["rollout_overrides"].split())
+        _, end = window(ctx, PERIOD)
+        return job("training.rollout", f"window_end={end}", *ctx["params"]["rollout_overrides"].split())
 
     decide()
 

@@ -348,6 +348,21 @@ def airflow_db_migrate() -> None:
         raise StackError(f"airflow db migrate failed (exit {rc}); see {log}")
 
 
+TRAINING_POOL = ("flywheel_training", "1", "one training or evaluation job at a time (dags/_flywheel.TRAINING)")
+
+
+def airflow_prepare() -> None:
+    """Before the scheduler starts: the schema, and the pool the training tasks queue in (without it
+    the scheduler would leave them waiting forever)."""
+    airflow_db_migrate()
+    log = _log_dir() / "airflow-db.log"
+    with open(log, "ab") as f:
+        rc = subprocess.call([str(AIRFLOW_BIN / "airflow"), "pools", "set", *TRAINING_POOL], stdout=f,
+                             stderr=subprocess.STDOUT, env={**os.environ, **airflow_env()})
+    if rc != 0:
+        raise StackError(f"airflow pools set failed (exit {rc}); see {log}")
+
+
 def _airflow() -> list[Component]:
     port = endpoints.port("airflow")
     airflow = str(AIRFLOW_BIN / "airflow")
@@ -356,7 +371,7 @@ def _airflow() -> list[Component]:
         Component("airflow-api", port, lambda: [airflow, "api-server", "--host", "127.0.0.1", "--port", str(port)],
                   healthy=lambda: http_ok(f"http://127.0.0.1:{port}/api/v2/monitor/health"),
                   endpoint=f"http://127.0.0.1:{port}", env=airflow_env, start_timeout=120,
-                  prepare=airflow_db_migrate),
+                  prepare=airflow_prepare),
         Component("airflow-scheduler", None, lambda: [airflow, "scheduler", "--skip-serve-logs"],
                   healthy=alive("airflow-scheduler"), endpoint="-", env=airflow_env),
         Component("airflow-dag-processor", None, lambda: [airflow, "dag-processor"],
