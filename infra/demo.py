@@ -52,7 +52,8 @@ class Config:
     Canary: canary_share, canary_round_chats (chats per round of live traffic), max_canary_rounds,
       rollout_overrides (key=value for training.rollout, e.g. policy.alpha=0.05).
     Drill: sabotage (train on flipped labels, force into the canary: live data must roll it back).
-    Run: serving_config, keep_running (leave stack and server up at the end), adapter_wait_s.
+    Run: serving_config, keep_running (leave stack and server up at the end), adapter_wait_s,
+      runner (dags_test | scheduler: how the DAGs run).
     """
 
     base_model: str = "smollm2"
@@ -88,6 +89,14 @@ class Config:
     max_canary_rounds: int = 8
     rollout_overrides: str = ""
     sabotage: bool = False
+    # How each DAG runs: `dags_test` (`airflow dags test`, in-process, no scheduler to start) or
+    # `scheduler` (the stack's Airflow scheduler, each run triggered through the REST API, as an
+    # operator would; schedules are off so that only the demo's runs run).
+    runner: str = "dags_test"
+
+    def __post_init__(self) -> None:
+        if self.runner not in ("dags_test", "scheduler"):
+            raise ValueError(f"runner={self.runner!r}: one of dags_test, scheduler")
 
 
 class Stage:
@@ -147,6 +156,33 @@ def airflow_dags_test(dag_id: str, conf: dict) -> None:
         raise SystemExit(f"airflow dags test {dag_id} failed (exit {rc}); see {log}")
     if "state=failed" in log.read_text() or "DagRunState.FAILED" in log.read_text():
         raise SystemExit(f"a task of {dag_id} failed; see {log}")
+
+
+def scheduler_run(dag_id: str, conf: dict) -> dict:
+    """Trigger `dag_id` through the REST API and follow it until the scheduler has run it."""
+    from infra.airflow_api import AirflowAPI, AirflowError
+
+    started = time.monotonic()
+    print(f"    POST /api/v2/dags/{dag_id}/dagRuns conf={json.dumps(conf)}", flush=True)
+
+    def report(task_id: str, state: str) -> None:
+        print(f"    {task_id} {state} ({time.monotonic() - started:.0f}s into the run)", flush=True)
+
+    try:
+        run_id, tasks = AirflowAPI().trigger_and_wait(dag_id, conf, on_task=report)
+    except AirflowError as e:
+        raise SystemExit(f"{e}; task logs under {endpoints.var_dir() / 'airflow' / 'logs'}") from None
+    return {"run_id": run_id, "tasks": tasks}
+
+
+# Every DAG run of this demo, in order: dag_id, runner, seconds (and, from the scheduler, run id and task states).
+DAG_RUNS: list[dict] = []
+
+
+def run_dag(cfg: Config, dag_id: str, conf: dict) -> None:
+    t0 = time.monotonic()
+    out = scheduler_run(dag_id, conf) if cfg.runner == "scheduler" else airflow_dags_test(dag_id, conf)
+    DAG_RUNS.append({"dag_id": dag_id, "runner": cfg.runner, "seconds": round(time.monotonic() - t0, 1), **(out or {})})
 
 
 def _terminate_tree(pid: int, grace_s: float = 10.0) -> None:
@@ -223,12 +259,15 @@ def bring_up(cfg: Config, server: stack.Component, started: list[stack.Component
         elif cfg.base_model == "tiny":
             models.build_tiny()
     with Stage("stack"):
-        for c in stack.components(with_airflow=False):
+        if cfg.runner == "scheduler":  # the demo decides when each DAG runs
+            os.environ.setdefault("AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE", "False")
+        for c in stack.components(with_airflow=cfg.runner == "scheduler"):
             if not c.running():
                 started.append(c)
             c.start()
         stack.ensure_topics()
-        stack.airflow_db_migrate()
+        if cfg.runner == "dags_test":  # the scheduler's components prepare their database themselves
+            stack.airflow_db_migrate()
     with Stage("serving"):
         if server.running():
             raise SystemExit(f"a chat server is already running (pid {server.pid()}); stop it first")
@@ -268,10 +307,10 @@ def decide_by_users(cfg: Config, report: dict) -> None:
     """Land the events, retrain (the offline gate decides who may be tried), then the live canary until
     the users' feedback promotes or rolls back; the sabotage drill forces a rejected candidate in."""
     with Stage("ingest (airflow: feedback_ingest)"):
-        airflow_dags_test("feedback_ingest", {})
+        run_dag(cfg, "feedback_ingest", {})
     landed_at = time.monotonic()
     with Stage("retrain (airflow: preference_retrain)"):
-        airflow_dags_test("preference_retrain", retrain_conf(cfg, report["window"]))
+        run_dag(cfg, "preference_retrain", retrain_conf(cfg, report["window"]))
     report.update(registry_outcome())
     if cfg.sabotage and not report["gate"]["passed"]:
         with Stage("sabotage: force the flipped-label adapter into the canary"):
@@ -294,6 +333,7 @@ def main(cfg: Config) -> dict:
     report: dict = {"base_model": cfg.base_model, "preference": cfg.preference,
                     "adversarial_share": cfg.adversarial_share, "sabotage": cfg.sabotage,
                     "precision": precision.decide("auto").record()}
+    DAG_RUNS.clear()
     try:
         bring_up(cfg, serving_component(cfg), started, report)
         traffic_and_measure(cfg, report)
@@ -307,6 +347,7 @@ def main(cfg: Config) -> dict:
             with Stage("stop what the demo started"):
                 for c in reversed(started):
                     c.stop()
+    report["dag_runs"] = list(DAG_RUNS)
     report["seconds"] = dict(Stage.seconds, total=round(time.monotonic() - t_start, 1))
     path = report_dir / "report.json"
     path.write_text(json.dumps(report, indent=2, default=str) + "\n")
@@ -347,9 +388,9 @@ def live_canary(cfg: Config, version: str, landed_at: float) -> dict:
     outcome = {"started": True, "version": version, "share": live.share, "decision": "wait", "rounds": rounds}
     for i in range(cfg.max_canary_rounds):
         traffic = simulate_round(cfg, "traffic", "train", 1, cfg.seed + 1000 + i, n_prompts=cfg.canary_round_chats)
-        airflow_dags_test("feedback_ingest", {})
-        airflow_dags_test("rollout", {"window_end": datetime.now(UTC).isoformat(),
-                                      "rollout_overrides": cfg.rollout_overrides})
+        run_dag(cfg, "feedback_ingest", {})
+        run_dag(cfg, "rollout", {"window_end": datetime.now(UTC).isoformat(),
+                                 "rollout_overrides": cfg.rollout_overrides})
         look = last_look(live.run_id)
         look.update(round=i + 1, chats=traffic["sessions"], adapter_versions=traffic["adapter_versions"],
                     seconds=round(time.monotonic() - t0, 1))

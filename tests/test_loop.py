@@ -1,7 +1,8 @@
-"""The loop end to end on the tiny model: real server, simulated users, real broker, Airflow
-`dags test` of feedback_ingest, preference_retrain (Spark dataset, DPO, reward model, eval, gate,
-canary) and rollout, a second run of the same interval that changes nothing, and a run on a version
-with too few pairs, which trains KTO instead and is judged by nothing offline."""
+"""The loop end to end on the tiny model: real server, simulated users, real broker, and the Airflow
+scheduler running feedback_ingest, preference_retrain (Spark dataset, DPO, reward model, eval, gate,
+canary) and rollout, each triggered through the REST API as an operator would; then, by `airflow dags
+test`, a second run of the same interval that changes nothing, and a run on a version with too few
+pairs, which trains KTO instead and is judged by nothing offline."""
 
 from __future__ import annotations
 
@@ -28,8 +29,15 @@ def test_preference_retrain_end_to_end_and_rerun_changes_nothing(stack, tiny_mod
         adapter_wait_s=60,
         canary_round_chats=40,
         max_canary_rounds=2,
+        runner="scheduler",
     )
     report = demo.main(cfg)
+
+    runs = report["dag_runs"]
+    retrain = [r for r in runs if r["dag_id"] == "preference_retrain"]
+    assert len(retrain) == 1 and retrain[0]["runner"] == "scheduler" and retrain[0]["run_id"], runs
+    assert retrain[0]["tasks"]["gate"] == "success" and retrain[0]["tasks"]["train_dpo"] == "success", retrain
+    assert {r["dag_id"] for r in runs} == {"feedback_ingest", "preference_retrain", "rollout"}, runs
 
     assert report["dataset_version"], report
     assert report["model_version"], "preference_retrain registered no model version"
