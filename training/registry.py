@@ -1,9 +1,10 @@
 """MLflow model-registry helpers for LoRA adapters: register, resolve aliases, download, move aliases.
 
 An adapter is a PEFT folder (adapter_config.json + adapter_model.safetensors) plus a sidecar
-`flywheel_adapter.json` (base model, dataset version, config hash, eval scores). It is logged as
-the artifact `adapter/` of its training run and registered as a version of the registered model
-(default name `flywheel-assistant`). Aliases say what is served:
+`flywheel_adapter.json` (base model, dataset version, config hash, eval scores). It is logged as an
+MLflow logged model of its training run (pyfunc flavour, `training/adapter_model.py`, with a
+signature; the folder is the model's artifact `adapter`) and registered as a version of the
+registered model (default name `flywheel-assistant`). Aliases say what is served:
 
   champion    what serving answers with
   candidate   the newest trained version (set at registration); not served
@@ -17,21 +18,35 @@ Serving imports this module (docs/architecture.md allows it: it needs only mlflo
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import json
 import os
+import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
 from ingest import endpoints
 
 DEFAULT_MODEL_NAME = os.environ.get("FLYWHEEL_MODEL_NAME", "flywheel-assistant")
 SIDECAR = "flywheel_adapter.json"
 ALIASES = ("champion", "challenger", "candidate", "previous")
+ADAPTER_MODEL_CODE = Path(__file__).with_name("adapter_model.py")
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec(DataType.string, "prompt")]),
+    outputs=Schema([ColSpec(DataType.string, "answer")]),
+    params=ParamSchema([ParamSpec("max_tokens", DataType.long, 128),
+                        ParamSpec("temperature", DataType.double, 0.0)]),
+)
+# Named, not inferred: inference would load the model in a subprocess at every registration.
+MODEL_REQUIREMENTS = ("mlflow", "torch", "transformers", "peft", "pandas")
 
 
 def client() -> MlflowClient:
@@ -94,20 +109,36 @@ def resolve(uri_or_alias: str, name: str = DEFAULT_MODEL_NAME) -> AdapterRef | N
     return _ref(mv)
 
 
+def _adapter_folder(local: Path) -> Path | None:
+    """The adapter inside a downloaded version: the logged model's artifact `adapter` (where its MLmodel
+    says), or the folder itself for a version registered from a bare run artifact folder."""
+    mlmodel = local / "MLmodel"
+    if mlmodel.is_file():
+        artifacts = mlflow.models.Model.load(str(mlmodel)).flavors.get("python_function", {}).get("artifacts", {})
+        local = local / artifacts.get("adapter", {}).get("path", "artifacts/adapter")
+    return local if (local / "adapter_config.json").is_file() else None
+
+
 def download(ref: AdapterRef, dst: str | Path) -> Path:
-    """Download an adapter folder (idempotent: an existing complete folder is reused)."""
+    """Download a version's adapter folder to `dst/NAME/VERSION` (idempotent: an existing complete folder
+    is reused). A logged model holds the folder as its artifact `adapter`; a version registered from a
+    bare run artifact folder is that folder."""
     dst = Path(dst) / ref.name / ref.version
     if (dst / "adapter_config.json").is_file():
         return dst
     tmp = dst.with_name(dst.name + f".tmp{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    local = mlflow.artifacts.download_artifacts(artifact_uri=ref.source, dst_path=str(tmp),
-                                                tracking_uri=endpoints.mlflow_tracking_uri())
-    Path(local).rename(dst) if Path(local) != tmp else tmp.rename(dst)
-    if tmp.exists():
-        tmp.rmdir()
-    if not (dst / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{ref.uri} ({ref.source}) holds no adapter_config.json")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=ref.source, dst_path=str(tmp),
+                                                     tracking_uri=endpoints.mlflow_tracking_uri()))
+    folder = _adapter_folder(local)
+    if folder is None:
+        found = sorted(str(f.relative_to(tmp)) for f in tmp.rglob("*") if f.is_file())[:20]
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise FileNotFoundError(f"{ref.uri} ({ref.source}) holds no adapter_config.json; it holds {found}")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    folder.rename(dst)
+    shutil.rmtree(tmp, ignore_errors=True)
     return dst
 
 
@@ -116,26 +147,54 @@ def read_sidecar(adapter_dir: str | Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def log_adapter_model(adapter_dir: str | Path, run_id: str, artifact_name: str = "adapter"):  # -> ModelInfo
+    """Log `adapter_dir` as a logged model of `run_id` (pyfunc, `training/adapter_model.py`, SIGNATURE)."""
+    import mlflow.pyfunc
+
+    active = mlflow.active_run()
+    in_run = (contextlib.nullcontext() if active is not None and active.info.run_id == run_id
+              else mlflow.start_run(run_id=run_id))
+    with in_run, warnings.catch_warnings():
+        # No input example, on purpose: MLflow would load the base model and generate to check it.
+        warnings.filterwarnings("ignore", message=".*input example was not provided.*")
+        return mlflow.pyfunc.log_model(
+            name=artifact_name, python_model=str(ADAPTER_MODEL_CODE), artifacts={"adapter": str(adapter_dir)},
+            signature=SIGNATURE, pip_requirements=[f"{p}=={importlib.metadata.version(p)}" for p in MODEL_REQUIREMENTS],
+            tags={"flywheel.kind": "lora-adapter"})
+
+
 def register_adapter(adapter_dir: str | Path, run_id: str, name: str = DEFAULT_MODEL_NAME,
                      alias: str | None = "candidate", tags: dict[str, str] | None = None,
                      artifact_path: str = "adapter") -> AdapterRef:
-    """Log `adapter_dir` as artifact `adapter/` of `run_id` and register it as a new version.
+    """Log `adapter_dir` as a logged model of `run_id` and register it as a new version of `name`,
+    tagged with `tags` and the sidecar's scalar fields; `alias` (if any) moves to it."""
+    info = log_adapter_model(adapter_dir, run_id, artifact_path)
+    return _new_version(name, info.model_uri, run_id, adapter_dir, alias, tags, model_id=info.model_id,
+                        description="LoRA adapters trained from user feedback by Flywheel")
 
-    mlflow.register_model needs a logged model, so the version is created from the artifact folder
-    directly: create_model_version with the run's artifact URI.
-    """
+
+def register_folder(folder: str | Path, run_id: str, name: str, alias: str | None = "candidate",
+                    tags: dict[str, str] | None = None, artifact_path: str = "model",
+                    description: str = "") -> AdapterRef:
+    """Log `folder` as the run artifact `artifact_path` and register that folder as a new version of
+    `name` (a model that is not an adapter, e.g. a reward model: downloading the version gives the folder)."""
     c = client()
-    c.log_artifacts(run_id, str(adapter_dir), artifact_path=artifact_path)
+    c.log_artifacts(run_id, str(folder), artifact_path=artifact_path)
+    source = f"{c.get_run(run_id).info.artifact_uri}/{artifact_path}"
+    return _new_version(name, source, run_id, folder, alias, tags, description=description)
+
+
+def _new_version(name: str, source: str, run_id: str, folder: str | Path, alias: str | None,
+                 tags: dict[str, str] | None, model_id: str | None = None, description: str = "") -> AdapterRef:
+    c = client()
     try:
-        c.create_registered_model(name, description="LoRA adapters trained from user feedback by Flywheel")
+        c.create_registered_model(name, description=description or None)
     except MlflowException as e:
         if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code):
             raise
-    run = c.get_run(run_id)
-    all_tags = {**(tags or {}), **{k: str(v) for k, v in read_sidecar(adapter_dir).items()
+    all_tags = {**(tags or {}), **{k: str(v) for k, v in read_sidecar(folder).items()
                                    if isinstance(v, str | int | float)}}
-    mv = c.create_model_version(name, source=f"{run.info.artifact_uri}/{artifact_path}", run_id=run_id,
-                                tags=all_tags)
+    mv = c.create_model_version(name, source=source, run_id=run_id, tags=all_tags, model_id=model_id)
     for _ in range(50):  # wait until READY (immediate for file stores, but be safe)
         mv = c.get_model_version(name, mv.version)
         if mv.status == "READY":

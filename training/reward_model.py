@@ -187,9 +187,10 @@ def finish(trainer: Any, tokenizer: Any, run: Any, out: Path, cfg: Config, versi
                               "backbone": cfg.backbone, "trainer": "reward_model", "metrics": final,
                               "model_version": None, "model_uri": None, "champion": False}
     if cfg.register:
-        ref = registry.register_adapter(model_dir, run.info.run_id, name=cfg.registry_model,
-                                        alias=cfg.registry_alias or None, artifact_path="reward_model",
-                                        tags={"trainer": "reward_model", "dataset_version": version})
+        ref = registry.register_folder(model_dir, run.info.run_id, name=cfg.registry_model,
+                                       alias=cfg.registry_alias or None, artifact_path="reward_model",
+                                       tags={"trainer": "reward_model", "dataset_version": version},
+                                       description="Reward models (judges) trained on users' preference pairs")
         result.update(model_version=ref.version, model_uri=ref.uri)
         if final["heldout_accuracy_ci_low"] >= cfg.champion_min_accuracy:
             registry.set_alias("champion", ref.version, name=cfg.registry_model)
