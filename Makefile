@@ -32,11 +32,12 @@ stack-status:  ## health and endpoints of the stack
 demo: setup  ## the whole loop on SmolLM2: traffic -> dataset -> DPO -> eval -> gate -> promote -> traffic
 	$(PY) -m infra.demo $(DEMO_ARGS)
 
-test: setup  ## install and run the test suite (tiny model, real broker/Spark/MLflow/Airflow)
+test: setup  ## install and run the test suite (tiny model, real broker/Spark/MLflow/Airflow), two workers
 	bash infra/setup-browser.sh
 	$(PY) -m infra.models
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	@# two workers on two cores, one OpenMP thread each (more threads than cores spin and slow torch several-fold)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 bench: setup  ## benchmarks under tests/benchmarks, each against its baseline in the same run
 	$(PY) -m infra.models

@@ -96,11 +96,19 @@ def tiny_model() -> str:
 FIXTURE_MARKERS = {"stack": "stack", "tiny_model": "model"}
 
 
+# The two longest files (docs/performance.md): `make test` runs the suite on two workers (pytest-xdist,
+# one file per worker at a time), and these start first so that the other files fill in around them
+# instead of one of them starting last and running alone.
+RUN_FIRST = ("test_loop.py", "test_spark_cluster.py")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         for fixture, marker in FIXTURE_MARKERS.items():
             if fixture in getattr(item, "fixturenames", ()):
                 item.add_marker(marker)
+    rank = {name: i for i, name in enumerate(RUN_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files stay in one piece
 
 
 _KILLER = """
