@@ -4,6 +4,8 @@
                broker), against GET /healthz on the same server (the HTTP floor). Target p99 <= 5 ms.
                The server runs as its own process (`python -m serving`), so client and server do
                not share a GIL.
+  streaming    SmolLM2 through the HTTP server: time to the first token and tokens/s of streamed
+               answers vs the same requests not streamed.
   batching     chat tokens/s on SmolLM2-135M (dtype auto) at concurrency 8 vs concurrency 1 through the
                engine's dynamic batcher. Target >= 4x.
   adapter      tokens/s at concurrency 8 with every request on a LoRA adapter (r=16, all linear
@@ -146,6 +148,77 @@ def test_feedback_latency(server_process):
         dtype=server["precision"]["dtype"], threads=server["precision"]["threads"],
         targets=[Target("feedback_p99_ms", round(pct(fb, 99), 3), "<=", 5.0)])
     assert state["mode"] == "direct" and state["spooled"] == 0
+
+
+@pytest.fixture(scope="module")
+def smollm2_server(stack):
+    """`python -m serving` on SmolLM2 (dtype auto), as its own process."""
+    port = free_port()
+    var = Path(tempfile.mkdtemp(prefix="bench-smollm2-"))
+    cmd = [sys.executable, "-m", "serving", "--config", "serving/configs/serve.yaml", "model.base=smollm2",
+           f"http.port={port}", "http.token_secret=bench", "registry.enabled=false",
+           f"events.spool_dir={var / 'spool'}", f"model.threads={THREADS}"]
+    with open(var / "server.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert proc.poll() is None, (var / "server.log").read_text()[-2000:]
+        time.sleep(0.5)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def _chat(url: str, i: int, stream: bool, max_tokens: int) -> dict:
+    body = {"messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}], "max_tokens": max_tokens,
+            "user": f"bench{i}", "seed": i, "stream": stream, "stream_options": {"include_usage": True}}
+    if not stream:
+        body.pop("stream_options")
+    t0 = time.perf_counter()
+    with httpx.Client(base_url=url, timeout=300) as c:
+        if not stream:
+            j = c.post("/v1/chat/completions", json=body).json()
+            took = time.perf_counter() - t0
+            return {"first_s": took, "total_s": took, "tokens": j["usage"]["completion_tokens"]}
+        first, tokens = None, 0
+        with c.stream("POST", "/v1/chat/completions", json=body) as r:
+            for line in r.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                j = json.loads(line[6:])
+                if first is None and j["choices"] and j["choices"][0]["delta"].get("content"):
+                    first = time.perf_counter() - t0
+                if j.get("usage"):
+                    tokens = j["usage"]["completion_tokens"]
+        return {"first_s": first, "total_s": time.perf_counter() - t0, "tokens": tokens}
+
+
+def test_streaming_vs_not(smollm2_server):
+    url, n, concurrency, max_tokens = smollm2_server, 16, 4, 64
+    _chat(url, 0, False, 4)  # warm-up
+
+    def load(stream: bool) -> dict:
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(concurrency) as ex:
+            runs = list(ex.map(lambda i: _chat(url, i, stream, max_tokens), range(n)))
+        seconds = time.perf_counter() - t0
+        return {"requests": n, "concurrency": concurrency, "tokens_per_s": round(sum(r["tokens"] for r in runs) / seconds, 1),
+                "first_token_p50_s": round(statistics.median(r["first_s"] for r in runs), 3),
+                "answer_p50_s": round(statistics.median(r["total_s"] for r in runs), 3)}
+
+    streamed, plain = load(True), load(False)
+    server = httpx.get(url + "/healthz").json()["backend"]
+    ratio = streamed["tokens_per_s"] / plain["tokens_per_s"]
+    save("streaming", {"streamed": streamed, "not_streamed": plain, "tokens_per_s_streamed_vs_not": round(ratio, 2),
+                       "first_token_vs_whole_answer": round(streamed["first_token_p50_s"] / plain["answer_p50_s"], 3)},
+         dtype=server["precision"]["dtype"], threads=server["precision"]["threads"],
+         targets=[Target("tokens_per_s_streamed_vs_not", round(ratio, 2), ">=", 0.9)])
 
 
 # --- engine benchmarks on SmolLM2 --------------------------------------------------------------------
