@@ -18,10 +18,17 @@ then the bytes are kept durably in landing/dead-letter/<topic>/p<P>/o<O>.bin (+ 
 before the commit, and the value is a JSON pointer {"payload_path", "bytes", "sha256"} (header
 `payload_path` too).
 
-SIGTERM/SIGINT finish the batch in hand, commit and leave the group. On a rebalance the un-landed
-records of revoked partitions are dropped (not landed, not committed), so their new owner reads them
-from the last commit: no loss and no duplicate landing. A commit refused because the group moved on
-after the files were written only means a replay, which readers dedupe.
+SIGTERM/SIGINT finish the batch in hand, commit and stop. The consumer does not send LeaveGroup: the
+broker drops it from the group when its session times out (`session_timeout_ms`, like a crashed member),
+and only then hands its partitions to the others. Why: when the leader leaves while the group re-forms
+(another member just joined or left), tansu (0.6 up to its current main) keeps the departed member as the
+group's leader, so every other member -- and every later one, the group state is durable -- gets
+REBALANCE_IN_PROGRESS on each SyncGroup forever; a leader that times out is dropped as leader.
+
+On a rebalance the un-landed records of revoked partitions are dropped (not landed, not committed), so
+their new owner reads them from the last commit (this consumer, if it gets them back, seeks back to
+them): no loss and no duplicate landing. A commit refused because the group moved on after the files
+were written only means a replay, which readers dedupe.
 
 Metrics (logged every `metrics_every_s` and written to landing/_metrics/<group>.json): events/s,
 lag = fetch high-watermark - position per partition (tansu's LATEST offset query can be stale after
@@ -58,7 +65,8 @@ class Config:
     """Landing consumer.
 
     Kafka: bootstrap (empty = endpoints.kafka_bootstrap()), group_id, topics (keys of endpoints.topics()),
-      session_timeout_ms / heartbeat_interval_ms (tansu delays a join by ~session_timeout/2, so 6 s / 2 s).
+      session_timeout_ms / heartbeat_interval_ms (tansu delays a join by ~session_timeout/2, so 6 s / 2 s;
+      a member that stops hands its partitions over when its session times out, see the module docstring).
     Batching: batch_max_records, batch_max_seconds (flush + commit whichever comes first), poll_timeout_ms.
     Stopping: until_idle (batch runs: stop after idle_seconds without records; while holding only part
       of the partitions, idle counts from session_timeout after the last assignment), max_seconds (0 = no limit).
@@ -168,6 +176,8 @@ class LandingConsumer:
         self.commit_failures = 0
         self.kept_in_files = 0
         self.assigned_at = 0.0  # monotonic time of the last partition assignment
+        self.rebalancing = False  # partitions revoked, the new assignment not in yet
+        self.rewind: dict[tuple[str, int], int] = {}  # (topic, partition) -> first un-landed offset dropped
         self.started = time.monotonic()
         self._last_metrics = self.started
 
@@ -275,17 +285,34 @@ class LandingConsumer:
             # kafka-python 3 runs listeners on its IO thread, where a blocking commit is refused, so
             # we cannot land + commit here. Records of revoked partitions that are not yet landed are
             # not committed either: dropping them lets the new owner read them again from the last
-            # commit -- nothing lost, nothing landed twice.
+            # commit -- nothing lost, nothing landed twice. If the new owner is this consumer again,
+            # kafka-python keeps the partition's position (past the dropped records), so we seek back
+            # to the first dropped offset: without that a rebalance that hands a member its own
+            # partitions back skipped those records, and the next commit went past them.
             def on_partitions_revoked(self, revoked):  # noqa: ANN001, ANN202
                 gone = {(tp.topic, tp.partition) for tp in revoked}
-                kept = [r for r in owner.batch if (r.topic, r.partition) not in gone]
+                kept = []
+                for r in owner.batch:
+                    if (r.topic, r.partition) not in gone:
+                        kept.append(r)
+                    elif r.offset < owner.rewind.get((r.topic, r.partition), r.offset + 1):
+                        owner.rewind[(r.topic, r.partition)] = r.offset
                 if len(kept) != len(owner.batch):
                     log.info("rebalance: %d un-landed records of revoked partitions left to their new owner",
                              len(owner.batch) - len(kept))
                 owner.batch = kept
+                owner.rebalancing = True
 
             def on_partitions_assigned(self, assigned):  # noqa: ANN001, ANN202
+                for tp in assigned:
+                    offset = owner.rewind.get((tp.topic, tp.partition))
+                    if offset is not None:
+                        owner.consumer.seek(tp, offset)
+                        log.info("rebalance: %s[%d] is ours again: back to offset %d", tp.topic, tp.partition,
+                                 offset)
+                owner.rewind.clear()  # the others' new owners read them from the last commit
                 owner.assigned_at = time.monotonic()
+                owner.rebalancing = False
                 log.info("assigned %s", sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
 
         self.consumer.subscribe(self.topic_names, listener=DropOnRevoke())
@@ -309,8 +336,11 @@ class LandingConsumer:
                                    or now - batch_started >= self.cfg.batch_max_seconds or not polled):
                     self.flush()
                 self._report()
-                if not self.consumer.assignment():
-                    last_record = now  # still joining the group (or rebalancing): not idle yet
+                if self.rebalancing or not self.consumer.assignment():
+                    # Still joining the group, or rebalancing: kafka-python keeps reporting the old
+                    # assignment until the new one is in, so without the flag a batch run could stop
+                    # with its JoinGroup in flight, just before being handed a dead member's share.
+                    last_record = now
                 elif (not self._holds_every_partition()
                       and now - self.assigned_at < self.cfg.session_timeout_ms / 1000):
                     # Other partitions belong to another member, maybe one that died (SIGKILL) and
@@ -326,6 +356,9 @@ class LandingConsumer:
         finally:
             # lag reads the consumer's assignment and positions: measure before closing it
             summary = self._report(force=True)
+            # Leave by session timeout, not LeaveGroup (see the module docstring: a leader's LeaveGroup
+            # while the group re-forms wedges it in tansu). reset_generation() makes close() skip it.
+            self.consumer._coordinator.reset_generation()  # noqa: SLF001 - kafka-python has no option for it
             self.consumer.close(autocommit=False)
             self.producer.close(timeout=10)
         return summary
