@@ -36,6 +36,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -70,18 +71,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server_process(stack, tiny_model, tmp_path_factory):
-    """`python -m serving` on the tiny model, as its own process, against the test stack."""
+@contextmanager
+def serving_process(var: Path, config: str, *overrides: str, start_timeout: float = 60):  # noqa: ANN201 - yields the URL
+    """`python -m serving --config config` with `overrides` as its own process (client and server share no GIL), on a
+    free port, against the test stack; ready once /healthz says the producer is connected."""
     port = free_port()
-    var = tmp_path_factory.mktemp("bench-serving")
-    cmd = [sys.executable, "-m", "serving", "--config", "serving/configs/serve.tiny.yaml", f"http.port={port}",
-           "http.token_secret=bench", "http.feedback_per_minute=0", "registry.enabled=false",
-           f"events.spool_dir={var / 'spool'}", "generation.max_tokens=8"]
+    cmd = [sys.executable, "-m", "serving", "--config", config, f"http.port={port}", "http.token_secret=bench",
+           "registry.enabled=false", f"events.spool_dir={var / 'spool'}", *overrides]
     with open(var / "server.log", "w") as log:  # the child keeps its own descriptor
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + start_timeout
     while time.monotonic() < deadline:
         try:
             if httpx.get(url + "/healthz", timeout=1).json()["events"]["mode"] == "direct":
@@ -90,9 +90,19 @@ def server_process(stack, tiny_model, tmp_path_factory):
             pass
         assert proc.poll() is None, (var / "server.log").read_text()[-2000:]
         time.sleep(0.2)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server_process(stack, tiny_model, tmp_path_factory):
+    """The tiny model's server, feedback unthrottled."""
+    with serving_process(tmp_path_factory.mktemp("bench-serving"), "serving/configs/serve.tiny.yaml",
+                         "http.feedback_per_minute=0", "generation.max_tokens=8") as url:
+        yield url
 
 
 def _timed(client: httpx.Client, n: int, call) -> list[float]:  # noqa: ANN001
@@ -151,28 +161,11 @@ def test_feedback_latency(server_process):
 
 
 @pytest.fixture(scope="module")
-def smollm2_server(stack):
-    """`python -m serving` on SmolLM2 (dtype auto), as its own process."""
-    port = free_port()
-    var = Path(tempfile.mkdtemp(prefix="bench-smollm2-"))
-    cmd = [sys.executable, "-m", "serving", "--config", "serving/configs/serve.yaml", "model.base=smollm2",
-           f"http.port={port}", "http.token_secret=bench", "registry.enabled=false",
-           f"events.spool_dir={var / 'spool'}", f"model.threads={THREADS}"]
-    with open(var / "server.log", "w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert proc.poll() is None, (var / "server.log").read_text()[-2000:]
-        time.sleep(0.5)
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
+def smollm2_server(stack, tmp_path_factory):
+    """SmolLM2's server (dtype auto)."""
+    with serving_process(tmp_path_factory.mktemp("bench-smollm2"), "serving/configs/serve.yaml",
+                         "model.base=smollm2", f"model.threads={THREADS}", start_timeout=180) as url:
+        yield url
 
 
 def _chat(url: str, i: int, stream: bool, max_tokens: int) -> dict:
