@@ -108,12 +108,19 @@ class AirflowAPI:
                 raise AirflowError(f"{dag_id} run {run_id} still {state} after {timeout_s:.0f}s; tasks: {tasks}")
             time.sleep(poll_s)
 
-    def trigger_and_wait(self, dag_id: str, conf: dict, timeout_s: float = 3600.0,
-                         on_task: Callable[[str, str], None] | None = None) -> tuple[str, dict[str, str | None]]:
+    def start(self, dag_id: str, conf: dict) -> str:
+        """Once the DAG is parsed: unpause it and trigger a run with `conf`; returns the run id."""
         self.wait_for_dag(dag_id)
         self.unpause(dag_id)
-        run_id = self.trigger(dag_id, conf)
+        return self.trigger(dag_id, conf)
+
+    def trigger_and_wait(self, dag_id: str, conf: dict, timeout_s: float = 3600.0,
+                         on_task: Callable[[str, str], None] | None = None) -> tuple[str, dict[str, str | None]]:
+        run_id = self.start(dag_id, conf)
         return run_id, self.wait(dag_id, run_id, timeout_s=timeout_s, on_task=on_task)
+
+    def close(self) -> None:
+        self._http.close()
 
 
 def _print_task(task_id: str, state: str) -> None:
@@ -140,10 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             run = api.run(args.dag_id, args.run_id)
             print(json.dumps({"state": run["state"], "tasks": api.task_states(args.dag_id, args.run_id)}, indent=2))
             return 0
-        conf = json.loads(args.conf)
-        api.wait_for_dag(args.dag_id)
-        api.unpause(args.dag_id)
-        run_id = api.trigger(args.dag_id, conf)
+        run_id = api.start(args.dag_id, json.loads(args.conf))
         print(f"triggered {args.dag_id}: {run_id}", flush=True)
         if args.wait:
             api.wait(args.dag_id, run_id, timeout_s=args.timeout, on_task=_print_task)
@@ -151,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     except AirflowError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    finally:
+        api.close()
     return 0
 
 

@@ -168,10 +168,13 @@ def scheduler_run(dag_id: str, conf: dict) -> dict:
     def report(task_id: str, state: str) -> None:
         print(f"    {task_id} {state} ({time.monotonic() - started:.0f}s into the run)", flush=True)
 
+    api = AirflowAPI()
     try:
-        run_id, tasks = AirflowAPI().trigger_and_wait(dag_id, conf, on_task=report)
+        run_id, tasks = api.trigger_and_wait(dag_id, conf, on_task=report)
     except AirflowError as e:
         raise SystemExit(f"{e}; task logs under {endpoints.var_dir() / 'airflow' / 'logs'}") from None
+    finally:
+        api.close()
     return {"run_id": run_id, "tasks": tasks}
 
 
