@@ -4,12 +4,15 @@
     (or start=... end=... ; ISO timestamps or dates, UTC when no zone is given; the window is [start, end))
 
 Steps (counts of each filter go to the manifest):
- 1. read the landing folders the window overlaps (feedback in [start, end); responses back to
-    start - response_lookback_hours, so late feedback still finds its answer); dedupe by event_id;
+ 1. read the landing folders the window overlaps (feedback in [start, end), or from
+    start - replay.hours with replay on; responses back to response_lookback_hours before that, so late
+    feedback still finds its answer); dedupe by event_id;
  2. scrub PII (ingest/pii.py) from prompts, answers and edits, counting matches per kind;
  3. normalise the prompt (conversation before the answer) and drop truncated answers (finish=length);
  4. aggregate feedback per response (each user's last thumb, last edit, copy/dwell/abandon/regenerate)
-    and apply the pairing rules (ingest/pairing.py) to each prompt's answers;
+    and apply the pairing rules (ingest/pairing.py) to each prompt's answers; every row gets the
+    behaviour policy (adapter version) and log-probability of each model-written answer in it, and
+    replayed rows (answered before `start`) their decayed weight;
  5. poisoning defence: flag users whose thumbs disagree with the other raters of the same answer far
     beyond chance (rule below) and drop (or down-weight) every row using their signals;
  6. exact then near-duplicate removal; per-user caps (no owner above max_user_share of a kind);
@@ -44,16 +47,33 @@ from pathlib import Path
 from typing import Literal
 
 from ingest import contract, endpoints, landing, pii, reader
+from ingest.live_metrics import BASE_LABEL
 from ingest.config import parse_config, to_dict
 from ingest.events import FeedbackEvent, ResponseEvent
 from ingest.pairing import PairingConfig, Row
 
 KINDS = contract.DATASET_KINDS
 SPLITS = contract.DATASET_SPLITS
-FORMAT_VERSION = 2  # bump when the meaning of the files changes: it is part of the version id
+FORMAT_VERSION = 3  # bump when the meaning of the files changes: it is part of the version id
 # {kind: [(column, Spark type)]}, derived from the dataset row models (the manifest's "schema")
 COLUMNS: dict[str, list[tuple[str, str]]] = {k: list(contract.spark_types(m).items())
                                              for k, m in contract.DATASET_ROWS.items()}
+
+
+@dataclass
+class Replay:
+    """Older feedback kept in a new version (off by default).
+
+      hours: feedback from this many hours before `start` is used too (0 = the window only)
+      half_life_hours: a row whose newest answer is h hours older than `start` weighs 0.5 ** (h / half_life)
+        of its rule's weight (0 = no decay)
+
+    Off by default because each cycle continues from the champion, which has already learnt from the
+    older windows; replaying them weighs those signals again.
+    """
+
+    hours: float = 0.0
+    half_life_hours: float = 0.0
 
 
 @dataclass
@@ -69,6 +89,7 @@ class Config:
     Poisoning: poison_action (drop | downweight), poison_weight, poison_alpha, poison_min_comparisons,
       poison_min_other_raters.
     Tracking: mlflow_log, mlflow_experiment.  Pairing rules and implicit weights: pairing.*
+    Older windows: replay.hours, replay.half_life_hours (see Replay).
     """
 
     start: str = ""
@@ -93,6 +114,7 @@ class Config:
     mlflow_log: bool = True
     mlflow_experiment: str = "flywheel-datasets"
     pairing: PairingConfig = field(default_factory=PairingConfig)
+    replay: Replay = field(default_factory=Replay)
 
 
 def parse_time(value: str, what: str) -> datetime:
@@ -293,6 +315,7 @@ class _Facts:
     start: datetime
     end: datetime
     lookback: datetime
+    replay_start: datetime  # start, or earlier with replay on: the feedback read begins here
     filters: dict[str, int] = field(default_factory=dict)
     landing_files: int = 0
     events: dict[str, int] = field(default_factory=dict)
@@ -301,6 +324,8 @@ class _Facts:
     flagged: list[str] = field(default_factory=list)
     users_compared: int = 0
     caps: dict[str, int] = field(default_factory=dict)
+    policies: dict[str, int] = field(default_factory=dict)
+    replayed_rows: int = 0
 
 
 def build(cfg: Config, spark=None) -> dict:  # noqa: ANN001
@@ -311,10 +336,13 @@ def build(cfg: Config, spark=None) -> dict:  # noqa: ANN001
         raise ValueError(f"end {end.isoformat()} must be after start {start.isoformat()}")
     if not 0 < cfg.max_user_share <= 1:
         raise ValueError(f"max_user_share={cfg.max_user_share} must be in (0, 1]")
+    if cfg.replay.hours < 0 or cfg.replay.half_life_hours < 0:
+        raise ValueError(f"replay.hours and replay.half_life_hours must be >= 0, got {cfg.replay}")
     spark = spark or spark_session(cfg.spark_master, cfg.shuffle_partitions, cfg.driver_memory)
     land_root = Path(cfg.landing_dir) if cfg.landing_dir else landing.landing_dir()
     ds_root = Path(cfg.datasets_dir) if cfg.datasets_dir else endpoints.var_dir() / "datasets"
-    facts = _Facts(start, end, start - timedelta(hours=cfg.response_lookback_hours))
+    replay_start = start - timedelta(hours=cfg.replay.hours)
+    facts = _Facts(start, end, replay_start - timedelta(hours=cfg.response_lookback_hours), replay_start)
     timings = _Laps()
     resp, fb = read_events(spark, land_root, facts)
     timings.lap("1. read")  # lazy: the reads run in the actions below
@@ -322,6 +350,7 @@ def build(cfg: Config, spark=None) -> dict:  # noqa: ANN001
     timings.lap("2-3. scrub + normalise")
     last_thumb = last_thumbs(fb)
     rows = pair(resp, fb, last_thumb, cfg, facts)
+    rows = attach_behaviour(rows, resp, cfg, facts)
     timings.lap("4. pairing")
     rows = defend_poisoning(rows, resp, last_thumb, cfg, facts)
     timings.lap("5. poisoning")
@@ -339,6 +368,7 @@ def build(cfg: Config, spark=None) -> dict:  # noqa: ANN001
     summary = {"version": manifest["version"], "manifest": str(manifest_path), "counts": manifest["counts"],
                "trainable": manifest["trainable"], "min_rows": manifest["min_rows"], "reused": reused,
                "flagged_users": sorted(manifest["poisoning"]["flagged_users"]),
+               "behaviour_policies": manifest["behaviour_policies"],
                "elapsed_s": round(time.monotonic() - t0, 2), "step_s": timings.laps}
     if cfg.mlflow_log:
         summary["mlflow_run_id"] = log_to_mlflow(manifest, ds_root, cfg.mlflow_experiment)
@@ -351,11 +381,11 @@ def read_events(spark, land_root: Path, facts: _Facts):  # noqa: ANN001, ANN201 
     from pyspark.sql import functions as F
 
     resp_raw, n_resp_files = _read(spark, land_root, "responses", facts.lookback, facts.end)
-    fb_raw, n_fb_files = _read(spark, land_root, "feedback", facts.start, facts.end)
+    fb_raw, n_fb_files = _read(spark, land_root, "feedback", facts.replay_start, facts.end)
     facts.landing_files = n_resp_files + n_fb_files
     resp = (resp_raw.where((F.col("created_at") >= F.lit(facts.lookback)) & (F.col("created_at") < F.lit(facts.end)))
             .dropDuplicates(["event_id"]))
-    fb = (fb_raw.where((F.col("created_at") >= F.lit(facts.start)) & (F.col("created_at") < F.lit(facts.end)))
+    fb = (fb_raw.where((F.col("created_at") >= F.lit(facts.replay_start)) & (F.col("created_at") < F.lit(facts.end)))
           .dropDuplicates(["event_id"]))
     return resp, fb
 
@@ -380,12 +410,13 @@ def scrub_and_normalise(resp, fb, cfg: Config, facts: _Facts):  # noqa: ANN001, 
     last_role = F.try_element_at(norm, F.lit(-1))["role"]  # ANSI mode: element_at would throw on []
     resp = resp.select(
         "event_id", "created_at", "user_id", "conversation_id", "response_id", "finish_reason", "regenerates",
+        "adapter_version", "completion_logprob",
         completion_clean.alias("completion"), F.when(last_role == "user", F.to_json(norm)).alias("prompt_key"),
         *[c.alias(f"_pii{i}") for i, (_, c) in enumerate(resp_cnt)]).localCheckpoint()
     fb = fb.select("event_id", "created_at", "user_id", "response_id", "kind", "dwell_seconds",
                    edit_clean.alias("edited_text"),
                    *[c.alias(f"_pii{i}") for i, (_, c) in enumerate(fb_cnt)]).localCheckpoint()
-    in_win = F.col("created_at") >= F.lit(facts.start)
+    in_win = F.col("created_at") >= F.lit(facts.replay_start)
     r = resp.agg(F.sum(in_win.cast("int")).alias("n"),
                  F.bit_xor(F.when(in_win, F.xxhash64("event_id"))).alias("x"),
                  F.sum(F.col("prompt_key").isNull().cast("int")).alias("bad_prompt"),
@@ -434,7 +465,7 @@ def pair(resp, fb, last_thumb, cfg: Config, facts: _Facts):  # noqa: ANN001, ANN
         F.max(F.col("kind") == "abandon").alias("abandoned"),
         F.max(F.col("kind") == "regenerate").alias("regen_fb"))
     fb_per_resp = signals.join(thumbs, "response_id", "left")
-    in_window = resp.where(F.col("created_at") >= F.lit(facts.start))
+    in_window = resp.where(F.col("created_at") >= F.lit(facts.replay_start))
     regen_targets = in_window.where(F.col("regenerates").isNotNull()).select(
         F.col("regenerates").alias("response_id"))
     wanted = (in_window.select("response_id").unionByName(fb_per_resp.select("response_id"))
@@ -445,6 +476,36 @@ def pair(resp, fb, last_thumb, cfg: Config, facts: _Facts):  # noqa: ANN001, ANN
                        "ups", "downs", "edit_text", "editor", "copied", "dwell_s", "abandoned", "regen_fb"))
     return (answers.repartition(cfg.shuffle_partitions, "prompt_key").sortWithinPartitions("prompt_key", "response_id")
             .mapInArrow(_pair_partitions(cfg.pairing), _ROWS_SCHEMA).localCheckpoint())
+
+
+def attach_behaviour(rows, resp, cfg: Config, facts: _Facts):  # noqa: ANN001, ANN201
+    """4b. Who wrote each answer of a row: its behaviour policy (adapter version, 'base' for none) and
+    log-probability under it, for off-policy corrections and the manifest's share per version (a user's
+    edit has neither). With replay half-life on, a row whose newest answer predates `start` is decayed."""
+    from pyspark.sql import functions as F
+
+    beh = resp.dropDuplicates(["response_id"]).select(
+        "response_id", F.coalesce("adapter_version", F.lit(BASE_LABEL)).alias("policy"),
+        F.col("completion_logprob").alias("logprob"), "created_at")
+
+    def side(tag: str):  # noqa: ANN202
+        return beh.select(*[F.col(c).alias(f"_{tag}_{c}") for c in beh.columns])
+
+    is_dpo, is_kto = F.col("kind") == "dpo", F.col("kind") == "kto"
+    rows = (rows.withColumn("_a_response_id", F.try_element_at("response_ids", F.lit(1)))
+            .withColumn("_b_response_id", F.when(is_dpo, F.try_element_at("response_ids", F.lit(2))))
+            .join(side("a"), "_a_response_id", "left").join(side("b"), "_b_response_id", "left"))
+    rows = rows.select(
+        *[c for c in rows.columns if not c.startswith(("_a_", "_b_"))],
+        F.when(is_dpo, F.col("_a_policy")).alias("chosen_policy"),
+        F.when(is_dpo, F.col("_a_logprob")).alias("chosen_logprob"),
+        F.col("_b_policy").alias("rejected_policy"), F.col("_b_logprob").alias("rejected_logprob"),
+        F.when(is_kto, F.col("_a_policy")).alias("policy"), F.when(is_kto, F.col("_a_logprob")).alias("logprob"),
+        F.greatest("_a_created_at", "_b_created_at").alias("_answered_at"))
+    if cfg.replay.hours > 0 and cfg.replay.half_life_hours > 0:
+        age_h = F.greatest(F.lit(0.0), (F.lit(facts.start).cast("double") - F.col("_answered_at").cast("double")) / 3600)
+        rows = rows.withColumn("weight", F.round(F.col("weight") * F.pow(F.lit(0.5), age_h / cfg.replay.half_life_hours), 6))
+    return rows
 
 
 def defend_poisoning(rows, resp, last_thumb, cfg: Config, facts: _Facts):  # noqa: ANN001, ANN201
@@ -538,8 +599,17 @@ def split_and_count(rows, cfg: Config, facts: _Facts):  # noqa: ANN001, ANN201 -
     facts.filters.update({k: int(v or 0) for k, v in tally.asDict().items()})
     rows = rows.where(_alive(cfg) & ~F.col("_capped"))
     counts = {k: dict.fromkeys(SPLITS, 0) for k in KINDS}
-    for r in rows.groupBy("kind", "split").count().collect():
-        counts[r["kind"]][r["split"]] = int(r["count"])
+    # Per kind, the behaviour policies of a row's model-written answers ("v1", or "v1+v2" for a pair of two)
+    writers = F.array_join(F.array_sort(F.array_distinct(F.array_compact(
+        F.array("chosen_policy", "rejected_policy", "policy")))), "+")
+    replayed = (F.col("_answered_at") < F.lit(facts.start)).cast("int")
+    for r in rows.groupBy("kind", "split", writers.alias("writers")).agg(
+            F.count("*").alias("n"), F.sum(replayed).alias("replayed")).collect():
+        counts[r["kind"]][r["split"]] += int(r["n"])
+        facts.replayed_rows += int(r["replayed"] or 0)
+        if r["writers"]:
+            by_kind = facts.policies.setdefault(r["kind"], {})
+            by_kind[r["writers"]] = by_kind.get(r["writers"], 0) + int(r["n"])
     return rows, counts
 
 
@@ -580,10 +650,14 @@ def _manifest(version: str, content: str, files: dict[str, str], counts: dict, l
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "source_window": {"start": facts.start.isoformat(), "end": facts.end.isoformat(),
                           "response_lookback_hours": cfg.response_lookback_hours,
+                          "feedback_from": facts.replay_start.isoformat(),
                           "landing_dir": str(land_root), "landing_files": facts.landing_files,
                           "events": facts.events, "events_fingerprint": facts.events_fp},
         "counts": counts, "rows": sum(sum(v.values()) for v in counts.values()),
         "filters": facts.filters, "pii": facts.pii,
+        # rows per kind by the adapter versions that wrote their answers (a mixed pair: "v1+v2")
+        "behaviour_policies": {k: dict(sorted(v.items())) for k, v in sorted(facts.policies.items())},
+        "replay": {**to_dict(cfg.replay), "replayed_rows": facts.replayed_rows},
         "poisoning": {"rule": "binomial test of disagreement with leave-one-out consensus (see build_dataset)",
                       "action": cfg.poison_action, "flagged_users": facts.flagged,
                       "users_compared": facts.users_compared},

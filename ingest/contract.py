@@ -260,6 +260,12 @@ class DpoRow(_Row):
     rejected: str
     weight: float = Field(ge=0.0)
     source: str
+    chosen_policy: str | None = Field(
+        default=None, description="adapter version that wrote the chosen answer ('base' for none); null for a user's edit")
+    chosen_logprob: float | None = Field(
+        default=None, le=0.0, description="the chosen answer's summed token log-probability under chosen_policy")
+    rejected_policy: str | None = None
+    rejected_logprob: float | None = Field(default=None, le=0.0)
 
 
 class KtoRow(_Row):
@@ -271,6 +277,8 @@ class KtoRow(_Row):
     label: bool
     weight: float = Field(ge=0.0)
     source: str
+    policy: str | None = Field(default=None, description="adapter version that wrote the answer ('base' for none)")
+    logprob: float | None = Field(default=None, le=0.0, description="its summed token log-probability under policy")
 
 
 class SftRow(_Row):

@@ -17,7 +17,8 @@ GOOD = {
     "win_rate": 0.70, "win_rate_ci_low": 0.58, "win_rate_ci_high": 0.81, "lc_win_rate": 0.66,
     "judge_accuracy": 0.78, "judge_accuracy_ci_low": 0.66, "judge_pairs": 60.0, "length_drift": 0.10,
     "over_refusal_delta": 0.0, "harmful_compliance_delta": 0.0, "sycophancy_delta": 0.0,
-    "regression_em_delta": 0.0, "kl_per_token": 0.05, "pref_accuracy": 0.8, "pref_accuracy_ci_high": 0.9,
+    "regression_em_delta": 0.0, "kl_per_token": 0.05, "kl_per_token_baseline": 0.0, "pref_accuracy": 0.8,
+    "pref_accuracy_ci_high": 0.9,
 }
 
 # rule name -> a single change to GOOD that must fail exactly that rule.
@@ -28,7 +29,8 @@ BREAKS = {
     "harmful_compliance": {"harmful_compliance_delta": 0.0833},
     "sycophancy": {"sycophancy_delta": 0.1667},
     "regression": {"regression_em_delta": -0.125},
-    "kl": {"kl_per_token": 1.5},
+    "kl": {"kl_per_token": 1.5, "kl_per_token_baseline": 1.2},  # over the budget in a small step
+    "kl_step": {"kl_per_token": 0.9, "kl_per_token_baseline": 0.2},  # within the budget in one big step
     # not significantly below the champion's 0.75: an upper bound of 0.70 is
     "preference_accuracy": {"pref_accuracy": 0.55, "pref_accuracy_ci_high": 0.70, "pref_accuracy_baseline": 0.75},
 }
@@ -39,7 +41,7 @@ POLICY = Policy()
 def test_good_candidate_passes_every_rule():
     d = decide(GOOD, POLICY)
     assert d.passed and d.offline_evidence == "better"
-    assert len(d.lines) == 9 and all(ln.startswith("PASS ") for ln in d.lines), d.lines
+    assert len(d.lines) == 10 and all(ln.startswith("PASS ") for ln in d.lines), d.lines
 
 
 @pytest.mark.parametrize("rule", sorted(BREAKS))
@@ -97,8 +99,8 @@ def test_missing_metric_fails_its_rule_and_disabled_rules_are_skipped():
     metrics = {k: v for k, v in GOOD.items() if k != "kl_per_token"}
     d = decide(metrics, POLICY)
     assert not d.passed and "FAIL kl: metric kl_per_token missing from the evaluation" in d.lines
-    d = decide(metrics, dataclasses.replace(POLICY, max_kl_per_token=None))
-    assert d.passed and not any(" kl:" in ln for ln in d.lines)
+    d = decide(metrics, dataclasses.replace(POLICY, max_kl_per_token=None, max_kl_step_per_token=None))
+    assert d.passed and not any(" kl" in ln for ln in d.lines)
     assert any(ln.startswith("FAIL kl: metric") for ln in decide({**GOOD, "kl_per_token": float("nan")}, POLICY).lines)
 
 

@@ -459,9 +459,17 @@ def winrate_metrics(pair: _Pair, prompts: list[Messages], judge, cfg: Config) ->
              truncated_baseline=rate([x["truncated"] for x in b]),
              list_rate_candidate=rate([judges.uses_list(x["text"]) for x in a]),
              list_rate_baseline=rate([judges.uses_list(x["text"]) for x in b]),
-             kl_per_token=float(np.mean(pair.pol.kl_to_base(pair.cand.adapter, prompts, a, cfg.batch_size)))
-             if pair.cand.adapter is not None else 0.0)
+             kl_per_token=_mean_kl(pair, pair.cand, prompts, a, cfg),
+             # the baseline's own drift (the champion's, cycles in): the gate bounds each cycle's step
+             kl_per_token_baseline=_mean_kl(pair, pair.base, prompts, b, cfg))
     return m
+
+
+def _mean_kl(pair: _Pair, side: Side, prompts: list[Messages], answers: list[dict], cfg: Config) -> float:
+    """Mean per-token KL(side || base) on the side's own answers; 0 for the base model itself."""
+    if side.adapter is None:
+        return 0.0
+    return float(np.mean(pair.pol.kl_to_base(side.adapter, prompts, answers, cfg.batch_size)))
 
 
 def probe_metrics(pair: _Pair, cfg: Config) -> dict[str, float]:
