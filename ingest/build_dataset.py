@@ -47,9 +47,9 @@ from pathlib import Path
 from typing import Literal
 
 from ingest import contract, endpoints, landing, pii, reader
-from ingest.live_metrics import BASE_LABEL
 from ingest.config import parse_config, to_dict
 from ingest.events import FeedbackEvent, ResponseEvent
+from ingest.live_metrics import BASE_LABEL
 from ingest.pairing import PairingConfig, Row
 
 KINDS = contract.DATASET_KINDS

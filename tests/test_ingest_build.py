@@ -23,12 +23,13 @@ CANARIES = ["canary.7731@example.org", "+1 415-555-0134", "4111 1111 1111 1111",
             "Zelda Canaryfield"]
 
 
-def _response(rid: str, user: str, conv: str, prompt: str, text: str, minute: int, regenerates: str | None = None):
+def _response(rid: str, user: str, conv: str, prompt: str, text: str, minute: int, regenerates: str | None = None,
+              adapter: str | None = None, logprob: float = -3.0):
     return {"event_id": f"e-{rid}", "created_at": T0 + timedelta(minutes=minute), "user_id": user,
-            "conversation_id": conv, "response_id": rid, "adapter_version": None,
+            "conversation_id": conv, "response_id": rid, "adapter_version": adapter,
             "prompt_json": json.dumps([{"role": "user", "content": prompt}]), "completion": text,
             "finish_reason": "stop", "base_model": "tiny", "ab_arm": "base", "temperature": 0.7, "top_p": 0.95,
-            "max_tokens": 64, "seed": None, "completion_logprob": -3.0, "prompt_tokens": 5, "completion_tokens": 9,
+            "max_tokens": 64, "seed": None, "completion_logprob": logprob, "prompt_tokens": 5, "completion_tokens": 9,
             "latency_ms": 12.0, "regenerates": regenerates}
 
 
@@ -43,11 +44,13 @@ HAND_PROMPT = "How should I pack for a hiking trip?"
 
 
 def hand_built():
-    """Expected (written out below): h2 > h1 (regenerate), h2 > h3 (thumbs), edit > h4 (+ SFT edit)."""
+    """Expected (written out below): h2 > h1 (regenerate), h2 > h3 (thumbs), edit > h4 (+ SFT edit);
+    h3 came from adapter version 2, the others from the base model."""
     responses = [
         _response("h1", "hA", "hc1", HAND_PROMPT, "Just bring whatever you like.", 1),
         _response("h2", "hA", "hc1", HAND_PROMPT, "- water\n- map\n- jacket", 2, regenerates="h1"),
-        _response("h3", "hB", "hc2", HAND_PROMPT, "Pack light and go.", 3),
+        _response("h3", "hB", "hc2", HAND_PROMPT, "Pack light and go.", 3, adapter="flywheel-assistant/2",
+                  logprob=-4.5),
         _response("h4", "hC", "hc3", HAND_PROMPT, "Bring a suitcase.", 4),
         # canaries: in a prompt, an answer and an edit
         _response("p1", "hD", "pc1", "Hi, my name is Zelda Canaryfield, mail canary.7731@example.org", "ok", 5),
@@ -144,6 +147,44 @@ def test_build_rows_filters_and_privacy(built, landed):
     ds = reader.load(built["version"], "dpo", "train", landed / "datasets")
     assert ds.column_names == ["prompt_id", "prompt", "weight", "chosen", "rejected"]
     assert ds[0]["prompt"][-1]["role"] == "user" and ds[0]["chosen"][0]["role"] == "assistant"
+
+
+def test_rows_name_the_policy_that_wrote_each_answer(built, landed):
+    """Every model-written answer carries its behaviour policy and log-probability (off-policy
+    corrections need them); a user's edit carries neither; the manifest counts rows per writer."""
+    rows = [r for k in ("dpo/train", "dpo/eval") for r in _all_rows(landed, built["version"])[k]]
+    by_source = {r["source"]: r for r in rows if r["chosen"].startswith(("- water", "- boots"))}
+    thumbs, edit, regen = by_source["thumbs"], by_source["edit"], by_source["regenerate"]
+    assert (thumbs["chosen_policy"], thumbs["chosen_logprob"]) == ("base", -3.0)
+    assert (thumbs["rejected_policy"], thumbs["rejected_logprob"]) == ("flywheel-assistant/2", -4.5)
+    assert edit["chosen_policy"] is None and edit["chosen_logprob"] is None and edit["rejected_policy"] == "base"
+    assert regen["chosen_policy"] == regen["rejected_policy"] == "base"
+    m = reader.manifest(built["version"], landed / "datasets")
+    writers = m["behaviour_policies"]["dpo"]
+    assert writers["base+flywheel-assistant/2"] >= 1 and sum(writers.values()) == sum(m["counts"]["dpo"].values())
+    assert all(r["policy"] == "base" for k in ("kto/train", "kto/eval") for r in _all_rows(landed, built["version"])[k])
+    assert m["replay"]["replayed_rows"] == 0
+
+
+def test_replay_decays_rows_answered_before_the_window(spark, built, landed):
+    """Half the hour as the window and the other half replayed: the same answers, and each row older
+    than `start` weighs 0.5 ** (age / half-life) of what it weighs with the whole hour as the window."""
+    half = _cfg(landed, start="2026-11-23T10:30:00Z", datasets_dir=str(landed / "replay"))
+    half.replay.hours, half.replay.half_life_hours = 0.5, 0.5
+    replayed = build(half, spark)
+    m = reader.manifest(replayed["version"], landed / "replay")
+    assert m["replay"]["hours"] == 0.5 and m["replay"]["replayed_rows"] > 0
+    assert m["source_window"]["feedback_from"].startswith("2026-11-23T10:00:00")
+    rows = [r for k in ("dpo/train", "dpo/eval") for r in reader.load_rows(replayed["version"], "dpo", k[4:],
+                                                                            landed / "replay")]
+    thumbs = next(r for r in rows if r["source"] == "thumbs" and r["chosen"].startswith("- water"))
+    assert thumbs["weight"] == round(0.5 ** ((30 - 3) / 60 / 0.5), 6)  # newest answer (h3) at 10:03
+    full = {(r["chosen"], r["rejected"], r["source"]): r["weight"]
+            for k in ("dpo/train", "dpo/eval") for r in _all_rows(landed, built["version"])[k]}
+    common = [(r["weight"], full[(r["chosen"], r["rejected"], r["source"])]) for r in rows
+              if (r["chosen"], r["rejected"], r["source"]) in full]
+    assert len(common) > 0.75 * len(full)  # not all: near-duplicates keep their heaviest, which decay can change
+    assert all(0.5 * f - 1e-6 <= w <= f + 1e-6 for w, f in common) and any(w < f for w, f in common)
 
 
 def test_same_window_same_version_new_event_new_version(spark, built, landed):
