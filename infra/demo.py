@@ -12,6 +12,12 @@
      DAG, until the users' own feedback promotes the challenger or rolls it back
   6. measure the held-out rate again — "after" — and print the before/after summary
 
+`cycles=N` turns the flywheel N times: each cycle's traffic goes to whoever serves after the last one
+(champion, and canary while one runs), its window starts where the previous one ended (so the canary
+rounds' feedback, on two adapter versions, lands in the next dataset), and it retrains from the
+champion. The report gets a `cycles` list, and an MLflow run in experiment `flywheel-demo` holds every
+cycle's figures and a plot of them (var/demo/cycles.png).
+
 The simulated users' hidden preference only *measures* (the held-out rates); every decision — the
 judge, the gate, the rollout — is made from the feedback the users gave, as in production.
 `sabotage=true` trains the candidate on flipped labels and forces it past the offline gate into the
@@ -35,7 +41,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from infra import models, simulate, stack
+from infra import cycles, models, simulate, stack
 from ingest import endpoints
 from ingest.config import parse_config
 
@@ -53,7 +59,8 @@ class Config:
       rollout_overrides (key=value for training.rollout, e.g. policy.alpha=0.05).
     Drill: sabotage (train on flipped labels, force into the canary: live data must roll it back).
     Run: serving_config, keep_running (leave stack and server up at the end), adapter_wait_s,
-      runner (dags_test | scheduler: how the DAGs run).
+      runner (dags_test | scheduler: how the DAGs run), cycles (intervals in a row, each retraining
+      from the champion).
     """
 
     base_model: str = "smollm2"
@@ -93,10 +100,13 @@ class Config:
     # `scheduler` (the stack's Airflow scheduler, each run triggered through the REST API, as an
     # operator would; schedules are off so that only the demo's runs run).
     runner: str = "dags_test"
+    cycles: int = 1
 
     def __post_init__(self) -> None:
         if self.runner not in ("dags_test", "scheduler"):
             raise ValueError(f"runner={self.runner!r}: one of dags_test, scheduler")
+        if self.cycles < 1:
+            raise ValueError(f"cycles={self.cycles}: at least 1")
 
 
 class Stage:
@@ -114,7 +124,7 @@ class Stage:
 
     def __exit__(self, *exc: object) -> None:
         took = time.monotonic() - self.t0
-        Stage.seconds[self.name] = round(took, 1)
+        Stage.seconds[self.name] = round(Stage.seconds.get(self.name, 0.0) + took, 1)  # summed over cycles
         print(f"    {self.name}: {took:.0f}s", flush=True)
 
 
@@ -280,20 +290,24 @@ def bring_up(cfg: Config, server: stack.Component, started: list[stack.Component
         report["serving_precision"] = (serving_health().get("backend") or {}).get("precision")
 
 
-def traffic_and_measure(cfg: Config, report: dict) -> None:
+def traffic_and_measure(cfg: Config, report: dict, seed: int, since: datetime | None = None,
+                        before: dict | None = None) -> None:
     """Feedback traffic on the training prompts and the held-out measurement, side by side (the server
-    batches both); records the window the traffic fell in."""
-    window_start = datetime.now(UTC) - timedelta(minutes=1)
-    with Stage("traffic + measure before"):
-        results: dict[str, dict] = {}
+    batches both); records the window the traffic fell in: from `since` (the previous cycle's end) or a
+    minute before the traffic. With `before` (the previous cycle's "after", on the same champion and the
+    same held-out users) the measurement is not repeated."""
+    window_start = since or datetime.now(UTC) - timedelta(minutes=1)
+    with Stage("traffic" + (" + measure before" if before is None else "")):
+        results: dict[str, dict] = {} if before is None else {"before": before}
 
         def run(key: str, *args: object) -> None:
             results[key] = simulate_round(cfg, *args)  # type: ignore[arg-type]
 
         threads = [threading.Thread(target=run, args=("traffic", "traffic", "train",
-                                                      cfg.traffic_answers_per_prompt, cfg.seed)),
-                   threading.Thread(target=run, args=("before", "measure", "heldout",
-                                                      cfg.measure_answers_per_prompt, cfg.seed + 100))]
+                                                      cfg.traffic_answers_per_prompt, seed))]
+        if before is None:
+            threads.append(threading.Thread(target=run, args=("before", "measure", "heldout",
+                                                              cfg.measure_answers_per_prompt, cfg.seed + 100)))
         for t in threads:
             t.start()
         for t in threads:
@@ -302,25 +316,34 @@ def traffic_and_measure(cfg: Config, report: dict) -> None:
             raise SystemExit("a simulation round failed; see the messages above")
         report["traffic"] = results["traffic"]
         report["thumbs_up_rate_before"] = results["before"]["thumbs_up_rate"]
-    window_end = datetime.now(UTC) + timedelta(minutes=1)
-    report["window"] = {"start": window_start.isoformat(), "end": window_end.isoformat()}
+        report["answers_measured_before"] = results["before"]["answers_judged"]
+    # Every event of the traffic was sent before its thread ended: what comes later is the next window's.
+    report["window"] = {"start": window_start.isoformat(), "end": datetime.now(UTC).isoformat()}
 
 
-def decide_by_users(cfg: Config, report: dict) -> None:
+def decide_by_users(cfg: Config, report: dict, seed: int) -> None:
     """Land the events, retrain (the offline gate decides who may be tried), then the live canary until
     the users' feedback promotes or rolls back; the sabotage drill forces a rejected candidate in."""
+    from training import registry
+
     with Stage("ingest (airflow: feedback_ingest)"):
         run_dag(cfg, "feedback_ingest", {})
     landed_at = time.monotonic()
+    newest_before = next((v.version for v in registry.find_versions({})), None)
     with Stage("retrain (airflow: preference_retrain)"):
         run_dag(cfg, "preference_retrain", retrain_conf(cfg, report["window"]))
     report.update(registry_outcome())
+    if report["model_version"] == newest_before:  # e.g. too few rows in the window: nothing was trained
+        print("    preference_retrain registered no new version this cycle: nothing to try", flush=True)
+        report.update(model_version=None, gate={"passed": False, "lines": ["no candidate this cycle"]},
+                      canary={"started": False, "decision": "not trained"})
+        return
     if cfg.sabotage and not report["gate"]["passed"]:
         with Stage("sabotage: force the flipped-label adapter into the canary"):
             run_job("training.canary", "--version", report["model_version"], f"share={cfg.canary_share}",
                     "force=true", "--reason", "sabotage drill: flipped labels, forced past the offline gate")
     with Stage("live canary (traffic -> feedback_ingest -> rollout, until the users decide)"):
-        report["canary"] = live_canary(cfg, report["model_version"], landed_at)
+        report["canary"] = live_canary(cfg, report["model_version"], landed_at, seed)
     report.update({k: v for k, v in registry_outcome().items() if k in ("champion_version", "aliases")})
     report["adapter_after"] = serving_health().get("adapters")
 
@@ -339,12 +362,15 @@ def main(cfg: Config) -> dict:
     DAG_RUNS.clear()
     try:
         bring_up(cfg, serving_component(cfg), started, report)
-        traffic_and_measure(cfg, report)
-        decide_by_users(cfg, report)
-        with Stage("measure after"):
-            after = simulate_round(cfg, "measure", "heldout", cfg.measure_answers_per_prompt, cfg.seed + 100)
-            report["thumbs_up_rate_after"] = after["thumbs_up_rate"]
-            report["answers_measured"] = after["answers_judged"]
+        for n in range(1, cfg.cycles + 1):
+            one_cycle(cfg, n, report)
+        if cfg.cycles > 1:
+            with Stage("cycles: MLflow parent run + plot"):
+                report["cycles_run"] = cycles.log_parent_run(
+                    report["cycles"], cycles.heldout(report["cycles"][0]["thumbs_up_rate_before"],
+                                                     report["answers_measured_before"]),
+                    {"cycles": cfg.cycles, "base_model": cfg.base_model, "preference": cfg.preference,
+                     "seed": cfg.seed}, report_dir)
     finally:
         if not cfg.keep_running:
             with Stage("stop what the demo started"):
@@ -356,6 +382,27 @@ def main(cfg: Config) -> dict:
     path.write_text(json.dumps(report, indent=2, default=str) + "\n")
     print_summary(report, path)
     return report
+
+
+def one_cycle(cfg: Config, n: int, report: dict) -> None:
+    """Cycle n (1-based): traffic (from where the last cycle's window ended), land, retrain from the
+    champion, gate, canary, measure. The latest cycle's details stay at the top level of the report;
+    `report["cycles"]` gets its record."""
+    t0 = time.monotonic()
+    prev = report.get("cycles") or []
+    if cfg.cycles > 1:
+        print(f"\n######## cycle {n} of {cfg.cycles} ########", flush=True)
+    seed = cfg.seed + 10_000 * (n - 1)  # new users' choices and answers every cycle; the held-out set stays
+    since = datetime.fromisoformat(report["window"]["end"]) if prev else None
+    before = {"thumbs_up_rate": report["thumbs_up_rate_after"], "answers_judged": report["answers_measured"]} \
+        if prev else None
+    traffic_and_measure(cfg, report, seed, since, before)
+    decide_by_users(cfg, report, seed)
+    with Stage("measure after"):
+        after = simulate_round(cfg, "measure", "heldout", cfg.measure_answers_per_prompt, cfg.seed + 100)
+        report["thumbs_up_rate_after"] = after["thumbs_up_rate"]
+        report["answers_measured"] = after["answers_judged"]
+    report["cycles"] = [*prev, cycles.summarise(n, report, time.monotonic() - t0)]
 
 
 def run_job(module: str, *args: str) -> dict:
@@ -377,7 +424,7 @@ def wait_for_routes(version: str, role: str, wait_s: float) -> None:
     raise SystemExit(f"serving did not route {label} as {role} within {wait_s:.0f}s: {serving_health()}")
 
 
-def live_canary(cfg: Config, version: str, landed_at: float) -> dict:
+def live_canary(cfg: Config, version: str, landed_at: float, seed: int) -> dict:
     """Rounds of live traffic until `rollout` decides; what each look saw, and how it ended."""
     from training import registry
 
@@ -390,7 +437,7 @@ def live_canary(cfg: Config, version: str, landed_at: float) -> dict:
     rounds: list[dict] = []
     outcome = {"started": True, "version": version, "share": live.share, "decision": "wait", "rounds": rounds}
     for i in range(cfg.max_canary_rounds):
-        traffic = simulate_round(cfg, "traffic", "train", 1, cfg.seed + 1000 + i, n_prompts=cfg.canary_round_chats)
+        traffic = simulate_round(cfg, "traffic", "train", 1, seed + 1000 + i, n_prompts=cfg.canary_round_chats)
         run_dag(cfg, "feedback_ingest", {})
         run_dag(cfg, "rollout", {"window_end": datetime.now(UTC).isoformat(),
                                  "rollout_overrides": cfg.rollout_overrides})
@@ -464,6 +511,7 @@ def registry_outcome() -> dict:
     return {
         "model_version": newest.version,
         "dataset_version": tags.get("dataset_version"),
+        "eval_run_id": tags.get("eval_run_id"),
         "champion_version": aliases.get("champion"),
         "aliases": aliases,
         "gate": {"passed": passed, "lines": gate_lines},
@@ -505,9 +553,24 @@ def print_summary(report: dict, path: Path) -> None:
         print(f"    {canary['reason']}")
     if "loop_latency_s" in canary:
         print(f"  loop latency             {canary['loop_latency_s']}s (feedback landed -> adapter serving)")
+    if len(report.get("cycles", [])) > 1:
+        print(f"  cycles                   (MLflow: {report.get('cycles_run')})")
+        print("    cycle  before -> after [95% CI]          KL/base  length  regr.EM  dataset (rows by writer)"
+              "                      champion  seconds")
+        for c in report["cycles"]:
+            h = c["heldout_after"]
+            writers = ", ".join(f"{k} {v:.0%}" for k, v in c["dataset_rows_by_writer"].items())
+            print(f"    {c['cycle']:>5}  {c['thumbs_up_rate_before']:6.1%} -> {h['rate']:6.1%} "
+                  f"[{h['ci'][0]:.1%}, {h['ci'][1]:.1%}]  {_num(c['kl_from_base'], 4):>7}  "
+                  f"{_num(c['mean_length'], 1):>6}  {_num(c['regression_exact_match'], 3):>7}  "
+                  f"{c['dataset_version']} ({writers})  {c['champion_version'] or 'base':>8}  {c['seconds']:.0f}")
     print("  seconds per stage        " + ", ".join(f"{k} {v:.0f}" for k, v in report["seconds"].items()))
     print(f"  report                   {path}")
     print("=" * 78)
+
+
+def _num(x: float | None, digits: int) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
 
 
 if __name__ == "__main__":
