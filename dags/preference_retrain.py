@@ -134,8 +134,9 @@ def evaluate(version: str, judge: str | None) -> str:
 
 @task.bash
 def gate(version: str, evaluated: str) -> str:
+    p = get_current_context()["params"]
     return job("training.gate", "--candidate", f"models:/{MODEL}/{version}",
-               "--metrics-run", answer(evaluated)["run_id"])
+               "--metrics-run", answer(evaluated)["run_id"], *p["gate_overrides"].split())
 
 @task.branch
 def gate_decision(decided: str) -> str:
@@ -188,6 +189,7 @@ def rejected(decided: str) -> None:
         "canary_share": Param(0.2, type="number", description="share of users the challenger answers"),
         "eval_overrides": Param("", type="string", description="extra key=value overrides for training.evaluate"),
         "dataset_overrides": Param("", type="string", description="extra key=value for ingest.build_dataset"),
+        "gate_overrides": Param("", type="string", description="extra key=value for training.gate (policy.*)"),
         "window_start": Param("", type="string", description="ISO time; empty = the data interval's start"),
         "window_end": Param("", type="string", description="ISO time; empty = the data interval's end"),
     },

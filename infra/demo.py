@@ -52,7 +52,7 @@ REPO = endpoints.REPO_ROOT
 class Config:
     """One demo cycle.
 
-    Model: base_model, dpo_config, dpo_overrides, eval_overrides.
+    Model: base_model, dpo_config, dpo_overrides, eval_overrides, dataset_overrides, gate_overrides.
     Traffic: n_users, traffic_answers_per_prompt, measure_answers_per_prompt, adversarial_share, noise,
       preference, max_tokens, seed.
     Canary: canary_share, canary_round_chats (chats per round of live traffic), max_canary_rounds,
@@ -73,6 +73,7 @@ class Config:
     # answers would leave almost nothing, and DPO still learns the preference from them because
     # chosen and rejected are cut alike.
     dataset_overrides: str = "drop_truncated=false"
+    gate_overrides: str = ""
     serving_config: str = "serving/configs/serve.yaml"
     # Traffic and measurement run side by side (8 + 8 concurrent users); batches of 16 decode faster per
     # token than 8 on CPU (docs/performance.md).
@@ -252,6 +253,7 @@ def retrain_conf(cfg: Config, window: dict[str, str]) -> dict:
     dpo_overrides = (cfg.dpo_overrides + " flip_labels=true").strip() if cfg.sabotage else cfg.dpo_overrides
     return {"base_model": cfg.base_model, "dpo_config": cfg.dpo_config, "dpo_overrides": dpo_overrides,
             "eval_overrides": cfg.eval_overrides, "dataset_overrides": cfg.dataset_overrides,
+            "gate_overrides": cfg.gate_overrides,
             "window_start": window["start"], "window_end": window["end"], "canary_share": cfg.canary_share}
 
 

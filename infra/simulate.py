@@ -84,7 +84,9 @@ class Config:
     Population: n_users, seed, adversarial_share, noise.
     Behaviour: preference, p_thumbs, p_implicit, max_regenerations, p_edit, p_abandon.
     Workload: mode (traffic = chat + feedback on the train prompts; measure = held-out rate, no feedback),
-      prompts (train|heldout), n_prompts (0 = all), answers_per_prompt, max_tokens, temperature.
+      prompts (train|heldout), n_prompts (0 = all), answers_per_prompt, max_tokens, temperature,
+      adapter ("" = the server routes; else the adapter every request names, e.g. `flywheel-assistant/4`
+      or `base`: to measure one version).
     Output: report (JSON file; default var/simulate/<mode>-<time>.json).
     """
 
@@ -108,6 +110,7 @@ class Config:
     answers_per_prompt: int = 3
     max_tokens: int = 160
     temperature: float = 0.9
+    adapter: str = ""
     report: str = ""
 
 
@@ -144,6 +147,8 @@ class Simulation:
                 "conversation_id": conversation_id, "seed": user.rng.randrange(2**31)}
         if regenerates:
             body["regenerates"] = regenerates
+        if self.cfg.adapter:
+            body["adapter"] = self.cfg.adapter
         r = self.http.post("/v1/chat/completions", json=body)
         r.raise_for_status()
         out = r.json()

@@ -11,7 +11,7 @@ Steps (counts of each filter go to the manifest):
  3. normalise the prompt (conversation before the answer) and drop truncated answers (finish=length);
  4. aggregate feedback per response (each user's last thumb, last edit, copy/dwell/abandon/regenerate)
     and apply the pairing rules (ingest/pairing.py) to each prompt's answers; every row gets the
-    behaviour policy (adapter version) and log-probability of each model-written answer in it, and
+    behaviour policy (adapter version) and log-probability (complete answers) of each model-written answer, and
     replayed rows (answered before `start`) their decayed weight;
  5. poisoning defence: flag users whose thumbs disagree with the other raters of the same answer far
     beyond chance (rule below) and drop (or down-weight) every row using their signals;
@@ -484,9 +484,11 @@ def attach_behaviour(rows, resp, cfg: Config, facts: _Facts):  # noqa: ANN001, A
     edit has neither). With replay half-life on, a row whose newest answer predates `start` is decayed."""
     from pyspark.sql import functions as F
 
+    # A cut-off answer's logged log-prob has no end-of-turn token, which training scores: not comparable,
+    # so it is left out (null) rather than biasing the answer's off-policy weight.
     beh = resp.dropDuplicates(["response_id"]).select(
         "response_id", F.coalesce("adapter_version", F.lit(BASE_LABEL)).alias("policy"),
-        F.col("completion_logprob").alias("logprob"), "created_at")
+        F.when(F.col("finish_reason") == "stop", F.col("completion_logprob")).alias("logprob"), "created_at")
 
     def side(tag: str):  # noqa: ANN202
         return beh.select(*[F.col(c).alias(f"_{tag}_{c}") for c in beh.columns])

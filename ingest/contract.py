@@ -263,7 +263,7 @@ class DpoRow(_Row):
     chosen_policy: str | None = Field(
         default=None, description="adapter version that wrote the chosen answer ('base' for none); null for a user's edit")
     chosen_logprob: float | None = Field(
-        default=None, le=0.0, description="the chosen answer's summed token log-probability under chosen_policy")
+        default=None, le=0.0, description="the chosen answer's summed token log-probability under chosen_policy (null when cut off)")
     rejected_policy: str | None = None
     rejected_logprob: float | None = Field(default=None, le=0.0)
 

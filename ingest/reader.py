@@ -105,13 +105,21 @@ def to_conversational(kind: str, row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load(version: str, kind: str = "dpo", split: str = "train", root: str | Path | None = None):  # noqa: ANN201
-    """A `datasets.Dataset` of one kind and split of a version (possibly with 0 rows)."""
+def load(version: str, kind: str = "dpo", split: str = "train", root: str | Path | None = None,  # noqa: ANN201
+         behaviour: bool = False):
+    """A `datasets.Dataset` of one kind and split of a version (possibly with 0 rows). With `behaviour`,
+    DPO rows also carry `chosen_logprob` / `rejected_logprob`: each answer's log-probability under the
+    policy that wrote it, None for a user's edit (off-policy corrections)."""
     from datasets import Dataset, Features, List, Value
 
-    rows = [to_conversational(kind, r) for r in load_rows(version, kind, split, root)]
+    raw = load_rows(version, kind, split, root)
+    rows = [to_conversational(kind, r) for r in raw]
     message = {"role": Value("string"), "content": Value("string")}
     features = {"prompt_id": Value("string"), "prompt": List(message), "weight": Value("float64")}
+    if kind == "dpo" and behaviour:
+        features |= {"chosen_logprob": Value("float64"), "rejected_logprob": Value("float64")}
+        for out, r in zip(rows, raw, strict=True):
+            out |= {"chosen_logprob": r.get("chosen_logprob"), "rejected_logprob": r.get("rejected_logprob")}
     if kind == "dpo":
         features |= {"chosen": List(message), "rejected": List(message)}
     else:

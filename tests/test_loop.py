@@ -30,6 +30,9 @@ def test_preference_retrain_end_to_end_and_rerun_changes_nothing(stack, tiny_mod
         canary_round_chats=40,
         max_canary_rounds=2,
         runner="scheduler",
+        # The tiny random-weight model drifts ~0.7 nats/token from its base in one update: the per-cycle
+        # step cap would reject every candidate, and this test is about the canary path too.
+        gate_overrides="policy.max_kl_step_per_token=null",
     )
     report = demo.main(cfg)
 

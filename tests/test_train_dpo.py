@@ -19,7 +19,7 @@ from ingest import endpoints
 from ingest.config import load_config
 from tests.conftest import run_killed_at_step
 from training import registry
-from training.weighted_dpo import pair_losses, weighted_dpo_loss, weighted_mean
+from training.weighted_dpo import importance_weights, pair_losses, weighted_dpo_loss, weighted_mean
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "training" / "configs" / "dpo.yaml"
@@ -91,6 +91,19 @@ def test_sft_term_by_hand() -> None:
     assert two.item() == pytest.approx(loss.item())
     with pytest.raises(ValueError, match="chosen_logps"):
         weighted_dpo_loss(z, z, torch.tensor([1.0]), beta=0.1, sft_alpha=0.5)
+
+
+def test_importance_weights_by_hand() -> None:
+    """Pair 1: chosen -10 under the policy vs -12 when written, 4 tokens (+0.5/token); rejected an edit
+    (NaN: no writer) -> e^0.5. Pair 2: both sides 5 nats/token less likely now -> e^-10, clipped to 1/2.
+    Pair 3: on-policy (same log-probs) -> 1."""
+    nan = float("nan")
+    w = importance_weights(torch.tensor([-10.0, -20.0, -7.0]), torch.tensor([-3.0, -20.0, -9.0]),
+                           torch.tensor([-12.0, -10.0, -7.0]), torch.tensor([nan, -10.0, -9.0]),
+                           torch.tensor([4, 2, 3]), torch.tensor([3, 2, 5]), clip=2.0)
+    assert w.tolist() == pytest.approx([math.exp(0.5), 0.5, 1.0])
+    assert importance_weights(torch.tensor([0.0]), torch.tensor([0.0]), torch.tensor([-40.0]), torch.tensor([nan]),
+                              torch.tensor([4]), torch.tensor([1]), clip=3.0).item() == pytest.approx(3.0)
 
 
 # --- the trainer ---------------------------------------------------------------------------------
@@ -207,6 +220,52 @@ def test_zero_weight_pair_trains_as_if_absent(tiny_model: str, tmp_path: Path) -
     # while a positive weight on the reversed pair changes the weights for real.
     assert zero_diff < 1e-4
     assert one_diff > 100 * max(zero_diff, 1e-6)
+
+
+def test_on_policy_answers_weigh_one(tiny_model: str, tmp_path: Path) -> None:
+    """The log-prob serving logs for an answer is what training scores for it under the same policy: pairs
+    of the base model's own complete answers, scored by the trainer's reference (the base model), get
+    importance weights of 1 up to the serving dtype's rounding, through the job's collator."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from serving.engine import Engine
+    from training.common import detect_hardware
+    from training.dpo import Config, WeightedDPOTrainer, WeightedPreferenceCollator, _training_args
+
+    engine = Engine(tiny_model, max_batch=8, max_wait_ms=0, threads=1)
+    try:
+        prompt = [{"role": "user", "content": "tell me about rivers"}]
+        answers = [engine.generate(prompt, max_tokens=40, temperature=1.0, seed=s) for s in range(24)]
+    finally:
+        engine.close()
+    done = [a for a in answers if a.finish_reason == "stop" and a.text.strip()]
+    assert len(done) >= 4, [a.finish_reason for a in answers]
+    rows = [{"prompt": prompt, "chosen": [{"role": "assistant", "content": a.text}],
+             "rejected": [{"role": "assistant", "content": b.text}], "weight": 1.0,
+             "chosen_logprob": a.logprob, "rejected_logprob": b.logprob} for a, b in zip(done[::2], done[1::2], strict=False)]
+    cfg = load_config(Config, CONFIG, ["max_steps=1", "precision=fp32"])
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    trainer = WeightedDPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_model), args=_training_args(cfg, detect_hardware("fp32"), tmp_path),
+        train_dataset=Dataset.from_list(rows), processing_class=tok,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
+        data_collator=WeightedPreferenceCollator(pad_token_id=tok.pad_token_id, max_length=256))
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
+    ref_c, ref_r = trainer.compute_ref_log_probs(trainer.model, batch)
+    chosen_len, rejected_len = batch["completion_mask"][..., 1:].sum(dim=1).chunk(2)
+    w = importance_weights(ref_c, ref_r, batch["chosen_logprob"], batch["rejected_logprob"], chosen_len,
+                           rejected_len, clip=2.0)
+    assert torch.allclose(w, torch.ones_like(w), atol=0.05), (w, ref_c, batch["chosen_logprob"])
+    # Had another policy written them, 0.1 nats/token less likely: each pair weighs e^(0.1 + 0.1) more.
+    shifted = importance_weights(ref_c, ref_r, batch["chosen_logprob"] - 0.1 * chosen_len,
+                                 batch["rejected_logprob"] - 0.1 * rejected_len, chosen_len, rejected_len, clip=2.0)
+    assert torch.allclose(shifted / w, torch.full_like(w, math.exp(0.2)), rtol=1e-3), shifted / w
+    trainer.is_clip = 2.0  # what off_policy=clipped_is sets: the loss weighs by them, and logs their mean
+    trainer.train()
+    logged = [h["is_weight"] for h in trainer.state.log_history if "is_weight" in h]
+    assert logged and w.min().item() - 1e-4 <= logged[0] <= w.max().item() + 1e-4, (logged, w)  # a batch's mean
 
 
 # --- the job ---------------------------------------------------------------------------------------

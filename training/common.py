@@ -304,7 +304,7 @@ def manifest(version: str) -> dict[str, Any]:
     return reader.manifest(version)
 
 
-def load_preferences(version: str, kind: str, split: str):  # -> datasets.Dataset | None
+def load_preferences(version: str, kind: str, split: str, behaviour: bool = False):  # -> datasets.Dataset | None
     """One kind/split of a version in TRL conversational format (via ingest.reader); None when it is empty.
 
     A version may hold only some kinds (the DAG picks DPO, KTO or both by what it holds): the manifest's
@@ -315,7 +315,7 @@ def load_preferences(version: str, kind: str, split: str):  # -> datasets.Datase
     counts = manifest(version).get("counts", {})
     if counts.get(kind, {}).get(split, 0) == 0:
         return None
-    ds = reader.load(version, kind, split)
+    ds = reader.load(version, kind, split, behaviour=behaviour)
     return ds if len(ds) > 0 else None
 
 

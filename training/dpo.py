@@ -22,7 +22,7 @@ import torch
 from trl import DPOConfig, DPOTrainer
 
 from ingest.config import parse_config
-from training import common, registry, trl_seam
+from training import common, registry, trl_seam, weighted_dpo
 from training.weighted_dpo import LOSS_TYPES, weighted_dpo_loss
 
 
@@ -47,6 +47,9 @@ class Config:
                    lora.{r, alpha, dropout, target_modules}
     Objective:     loss_type (sigmoid | ipo | robust), beta, label_smoothing (robust: assumed label-flip rate),
                    sft_alpha (weight of the chosen answers' per-token NLL added to the loss; 0 = plain DPO)
+    Off-policy:    off_policy (none | clipped_is: each pair's weight times the clipped per-token importance
+                   ratio of the start policy to the policy that wrote its answers, from the logged
+                   log-probs; see weighted_dpo.importance_weights), is_clip
     Optimisation:  learning_rate, epochs, max_steps (overrides epochs when > 0), batch_size, grad_accum,
                    max_length, warmup_ratio, lr_scheduler, seed
     Speed:         precision (auto | bf16 | fp16 | fp32), threads (CPU threads, 0 = default), precompute_ref,
@@ -67,6 +70,8 @@ class Config:
     beta: float = 0.1
     label_smoothing: float = 0.0
     sft_alpha: float = 0.0
+    off_policy: str = "none"
+    is_clip: float = 2.0
     learning_rate: float = 2e-4
     epochs: float = 3.0
     max_steps: int = 0
@@ -125,24 +130,36 @@ def completion_logps(model: torch.nn.Module, model_kwargs: dict[str, Any],
     return per_token.new_zeros(mask.shape[0]).index_add(0, rows, per_token), None
 
 
+BEHAVIOUR_COLUMNS = ("chosen_logprob", "rejected_logprob")  # the logged log-probs (off_policy=clipped_is)
+OFF_POLICY = ("none", "clipped_is")
+
+
 class WeightedPreferenceCollator(trl_seam.DataCollatorForPreference):
-    """TRL's preference collator plus a `weight` tensor (one per pair)."""
+    """TRL's preference collator plus a `weight` tensor (one per pair) and, when the rows carry them,
+    the behaviour log-probs (NaN for a user's edit)."""
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         out = super().torch_call(examples)
         # No default: a batch without weights means the column was dropped on the way (trl_seam.KeepColumns).
         out["weight"] = torch.tensor([float(e["weight"]) for e in examples], dtype=torch.float32)
+        for col in BEHAVIOUR_COLUMNS:
+            if col in examples[0]:
+                out[col] = torch.tensor([float("nan") if e[col] is None else float(e[col]) for e in examples],
+                                        dtype=torch.float32)
         return out
 
 
+_NOT_MODEL_INPUTS = ("weight", *BEHAVIOUR_COLUMNS)
+
+
 def _without_weight(inputs: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in inputs.items() if k != "weight"}
+    return {k: v for k, v in inputs.items() if k not in _NOT_MODEL_INPUTS}
 
 
 def _model_inputs(inputs: dict[str, Any]) -> tuple[dict[str, Any], torch.Tensor]:
     """(forward kwargs, labels with -100 outside the completions) of a collated batch."""
     model_kwargs = {k: v for k, v in inputs.items()
-                    if k not in ("weight", "completion_mask", "ref_chosen_logps", "ref_rejected_logps")}
+                    if k not in (*_NOT_MODEL_INPUTS, "completion_mask", "ref_chosen_logps", "ref_rejected_logps")}
     model_kwargs["use_cache"] = False
     return model_kwargs, inputs["input_ids"].masked_fill(inputs["completion_mask"] == 0, -100)
 
@@ -156,8 +173,9 @@ class WeightedDPOTrainer(trl_seam.KeepColumns, DPOTrainer):
     Every TRL internal it needs goes through training/trl_seam.py.
     """
 
-    extra_columns = ("weight",)  # trl_seam.KeepColumns: TRL would drop the column before the collator
+    extra_columns = ("weight", *BEHAVIOUR_COLUMNS)  # trl_seam.KeepColumns: TRL would drop them before the collator
     sft_alpha: float = 0.0  # weight of the chosen answers' per-token NLL (RPO); set from Config.sft_alpha
+    is_clip: float = 0.0  # > 0: off-policy importance weights clipped to [1/is_clip, is_clip] (Config.off_policy)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -176,6 +194,7 @@ class WeightedDPOTrainer(trl_seam.KeepColumns, DPOTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
         mode = "train" if self.model.training else "eval"
         weights = inputs["weight"]
+        behaviour = [inputs.get(c) for c in BEHAVIOUR_COLUMNS]
         inputs = _without_weight(inputs)
         model_kwargs, labels = _model_inputs(inputs)
         completion_mask = inputs["completion_mask"]
@@ -190,6 +209,12 @@ class WeightedDPOTrainer(trl_seam.KeepColumns, DPOTrainer):
         rejected_lr = rejected_logps - ref_rejected.to(rejected_logps.device)
         lengths = completion_mask[..., 1:].sum(dim=1)
         chosen_len, rejected_len = lengths.chunk(2, dim=0)
+        if self.is_clip > 0 and behaviour[0] is not None:
+            # The reference is the start policy (the champion when continuing): the one this update improves.
+            iw = weighted_dpo.importance_weights(ref_chosen.to(chosen_lr), ref_rejected.to(chosen_lr), *behaviour,
+                                                 chosen_len, rejected_len, self.is_clip)
+            trl_seam.record_metric(self, mode, "is_weight", iw.mean().item())
+            weights = weights.to(iw) * iw
         loss = weighted_dpo_loss(chosen_lr, rejected_lr, weights.to(chosen_lr.device), self.beta,
                                  self.loss_types[0], self.label_smoothing, chosen_len, rejected_len,
                                  sft_alpha=self.sft_alpha, chosen_logps=chosen_logps)
@@ -257,7 +282,8 @@ def _heldout(metrics: dict[str, float], prefix: str) -> dict[str, float]:
 def load_pairs(cfg: Config, version: str):  # -> (train, heldout | None) as datasets.Dataset
     """The version's DPO pairs: at most max_train_pairs, weights 1 unless use_weights, flipped for the
     sabotage drill (flip_labels)."""
-    train = common.load_preferences(version, "dpo", "train")
+    off_policy = cfg.off_policy != "none"
+    train = common.load_preferences(version, "dpo", "train", behaviour=off_policy)
     if train is None:
         raise ValueError(f"dataset {version} has no dpo/train rows; run training.kto instead or rebuild the dataset")
     if cfg.max_train_pairs > 0:
@@ -265,13 +291,18 @@ def load_pairs(cfg: Config, version: str):  # -> (train, heldout | None) as data
     if not cfg.use_weights:
         train = train.map(lambda _: {"weight": 1.0})
     if cfg.flip_labels:  # sabotage: learn the opposite of what the users said
-        train = train.map(lambda r: {"chosen": r["rejected"], "rejected": r["chosen"]})
-    return train, common.load_preferences(version, "dpo", "eval")
+        train = train.map(lambda r: {"chosen": r["rejected"], "rejected": r["chosen"]}
+                          | ({"chosen_logprob": r["rejected_logprob"], "rejected_logprob": r["chosen_logprob"]}
+                             if off_policy else {}))
+    return train, common.load_preferences(version, "dpo", "eval", behaviour=off_policy)
 
 
 def main(cfg: Config) -> dict[str, Any]:
     if cfg.loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type={cfg.loss_type!r} is not one of {LOSS_TYPES}")
+    if cfg.off_policy not in OFF_POLICY or (cfg.off_policy == "clipped_is" and cfg.is_clip <= 1):
+        raise ValueError(f"off_policy={cfg.off_policy!r} is_clip={cfg.is_clip}: off_policy is one of {OFF_POLICY}, "
+                         f"and clipped_is needs is_clip > 1")
     version = common.resolve_version(cfg.dataset_version)
     out = Path(cfg.output_dir) if cfg.output_dir else common.default_output_dir("dpo", version, cfg)
     out.mkdir(parents=True, exist_ok=True)
@@ -292,6 +323,7 @@ def main(cfg: Config) -> dict[str, Any]:
                                  data_collator=WeightedPreferenceCollator(
                                      pad_token_id=tokenizer.pad_token_id, max_length=cfg.max_length))
     trainer.sft_alpha = cfg.sft_alpha
+    trainer.is_clip = cfg.is_clip if cfg.off_policy == "clipped_is" else 0.0
     common.prepare_for_autocast(trainer.model, hw)
 
     tags = {"trainer": "dpo", "dataset_version": version, "base_model": cfg.base_model, "start": start.label,

@@ -74,3 +74,22 @@ def weighted_dpo_loss(chosen_logratios: torch.Tensor, rejected_logratios: torch.
             raise ValueError("sft_alpha > 0 needs chosen_logps and chosen_lengths")
         losses = losses + sft_alpha * (-chosen_logps / chosen_lengths.clamp(min=1).to(chosen_logps.dtype))
     return weighted_mean(losses, weights)
+
+
+def importance_weights(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, behaviour_chosen: torch.Tensor,
+                       behaviour_rejected: torch.Tensor, chosen_len: torch.Tensor, rejected_len: torch.Tensor,
+                       clip: float) -> torch.Tensor:
+    """Per pair, how much likelier the policy being improved finds its two answers than the policy that
+    wrote them did: exp(sum over the model-written answers of the mean per-token log-ratio
+    log pi(y) - log mu(y)), clipped to [1/clip, clip].
+
+    Per token, not per sequence: a sequence ratio of 80 tokens is a product of 80 ratios and explodes or
+    vanishes; the per-token geometric mean keeps the weight on the scale of how far the two policies are
+    apart. A side without a behaviour log-prob (NaN: a user's edit, written by no policy) counts as 1.
+    """
+    def side(policy: torch.Tensor, behaviour: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        per_token = (policy - behaviour.to(policy)) / n.to(policy).clamp(min=1)
+        return torch.where(torch.isnan(behaviour.to(policy)), torch.zeros_like(policy), per_token)
+
+    log_w = side(policy_chosen, behaviour_chosen, chosen_len) + side(policy_rejected, behaviour_rejected, rejected_len)
+    return log_w.exp().clamp(1.0 / clip, clip)
