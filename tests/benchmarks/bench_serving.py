@@ -4,6 +4,9 @@
                broker), against GET /healthz on the same server (the HTTP floor). Target p99 <= 5 ms.
                The server runs as its own process (`python -m serving`), so client and server do
                not share a GIL.
+  open_loop    POST /v1/feedback under an open-loop load at a fixed 1,000 requests/s (requests leave on
+               schedule and latency counts from the due time: tests/benchmarks/_open_loop.py, its own
+               process), against GET /healthz under the same load. Goal p99 <= 2 ms.
   streaming    SmolLM2 through the HTTP server: time to the first token and tokens/s of streamed
                answers vs the same requests not streamed.
   batching     chat tokens/s on SmolLM2-135M (dtype auto) at concurrency 8 vs concurrency 1 through the
@@ -158,6 +161,42 @@ def test_feedback_latency(server_process):
         dtype=server["precision"]["dtype"], threads=server["precision"]["threads"],
         targets=[Target("feedback_p99_ms", round(pct(fb, 99), 3), "<=", 5.0)])
     assert state["mode"] == "direct" and state["spooled"] == 0
+
+
+OPEN_LOOP_RATE = float(os.environ.get("FLYWHEEL_BENCH_RATE", "1000"))
+
+
+def _open_loop(url: str, path: str, bodies: Path | None, seconds: float = 10.0) -> dict:
+    cmd = [sys.executable, "-m", "tests.benchmarks._open_loop", "--url", url, "--path", path,
+           "--rate", str(OPEN_LOOP_RATE), "--seconds", str(seconds), *(["--bodies", str(bodies)] if bodies else [])]
+    out = subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True, timeout=seconds * 6 + 60)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_feedback_open_loop(server_process, tmp_path):
+    """Feedback at a fixed 1,000/s from a generator in its own process, vs /healthz at the same rate."""
+    url = server_process
+    with httpx.Client(base_url=url, timeout=30) as c:
+        answers = [c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                         "user": f"u{i}"}).json() for i in range(50)]
+    bodies = tmp_path / "feedback.jsonl"
+    bodies.write_text("".join(json.dumps({"response_id": a["response_id"], "user": f"u{i}", "kind": "copy",
+                                          "feedback_token": a["feedback_token"]}) + "\n"
+                              for i, a in enumerate(answers)))
+    _open_loop(url, "/healthz", None, seconds=2)  # warm-up: connections, the first requests' imports
+    _open_loop(url, "/v1/feedback", bodies, seconds=2)
+    hz = _open_loop(url, "/healthz", None)
+    fb = _open_loop(url, "/v1/feedback", bodies)
+    health = httpx.get(url + "/healthz").json()
+    state, server = health["events"], health["backend"]
+    save("open_loop", {
+        "feedback": fb, "healthz": hz, "ratio_p99_feedback_vs_healthz": round(fb["p99_ms"] / hz["p99_ms"], 2),
+        "producer": {k: state[k] for k in ("mode", "sent", "spooled", "published")}},
+        dtype=server["precision"]["dtype"], threads=server["precision"]["threads"],
+        targets=[Target("feedback_p99_ms", fb["p99_ms"], "<=", 2.0),
+                 # the generator kept its schedule, so the figures are the server's
+                 Target("feedback_send_lag_p99_ms", fb["send_lag_p99_ms"], "<=", 1.0)])
+    assert fb["statuses"] == {"202": fb["requests"]} or fb["statuses"] == {"200": fb["requests"]}, fb["statuses"]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,112 @@
+"""An open-loop HTTP load generator: requests leave on a fixed schedule, whatever the server does.
+
+    python -m tests.benchmarks._open_loop --url http://127.0.0.1:8000 --path /v1/feedback \
+        --bodies bodies.jsonl --rate 1000 --seconds 10
+
+Closed-loop clients (send the next request when the answer arrives) slow down with the server and hide
+its queueing ("coordinated omission"). Here request i is due at t0 + i / rate; its latency is counted
+from that due time, not from when it was sent, so a stall shows as the latency of every request that
+should have left during it (including waits for a free connection when all `--max-connections` are busy). Requests go over a pool of keep-alive HTTP/1.1 connections on raw asyncio
+streams (an HTTP client library cost ~1 ms of Python per request: at 1,000/s the client, not the
+server, saturated a core). `send_lag_ms` (when the generator got to a request, minus its due time)
+says whether the generator kept its schedule: when its p99 is large, the figures describe the client. Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+
+def _request(method: str, host: str, path: str, body: bytes) -> bytes:
+    head = f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+    return (head + f"Content-Length: {len(body)}\r\n\r\n").encode() + body if body else \
+        (f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n\r\n").encode()
+
+
+async def _read_response(reader: asyncio.StreamReader) -> int:
+    """Reads one response (Content-Length framed); returns its status code."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line[:15].lower() == b"content-length:":
+            length = int(line[15:])
+    if length:
+        await reader.readexactly(length)
+    return status
+
+
+async def run(url: str, path: str, bodies: list[bytes], rate: float, seconds: float, max_connections: int) -> dict:
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    method = "POST" if bodies else "GET"
+    requests = [_request(method, f"{host}:{port}", path, b) for b in (bodies or [b""])]
+    idle: asyncio.Queue = asyncio.Queue()
+    opened = 0
+    latencies: list[float] = []
+    lags: list[float] = []
+    statuses: dict[int, int] = {}
+    tasks: set[asyncio.Task] = set()
+
+    async def connection():  # noqa: ANN202
+        nonlocal opened
+        if not idle.empty() or opened >= max_connections:
+            return await idle.get()
+        opened += 1
+        return await asyncio.open_connection(host, port)
+
+    async def one(i: int, due: float) -> None:
+        lags.append((time.perf_counter() - due) * 1000)  # the generator's own delay, before any wait on the server
+        conn = await connection()
+        reader, writer = conn
+        writer.write(requests[i % len(requests)])
+        status = await _read_response(reader)
+        latencies.append((time.perf_counter() - due) * 1000)
+        statuses[status] = statuses.get(status, 0) + 1
+        idle.put_nowait(conn)
+
+    n = int(rate * seconds)
+    t0 = time.perf_counter() + 0.05
+    for i in range(n):
+        due = t0 + i / rate
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        task = asyncio.create_task(one(i, due))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    await asyncio.gather(*list(tasks))
+    elapsed = time.perf_counter() - t0
+    latencies.sort()
+    lags.sort()
+
+    def pct(xs: list[float], p: float) -> float:
+        return round(xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))], 3)
+
+    return {"path": path, "rate_target": rate, "requests": n, "achieved_rps": round(n / elapsed, 1),
+            "p50_ms": pct(latencies, 50), "p90_ms": pct(latencies, 90), "p99_ms": pct(latencies, 99),
+            "max_ms": round(latencies[-1], 3), "send_lag_p50_ms": pct(lags, 50), "send_lag_p99_ms": pct(lags, 99),
+            "connections": opened, "statuses": {str(k): v for k, v in sorted(statuses.items())}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--url", required=True)
+    ap.add_argument("--path", required=True)
+    ap.add_argument("--bodies", default="", help="JSONL file: one request body per line, used in turn (none: GET)")
+    ap.add_argument("--rate", type=float, default=1000.0, help="requests per second")
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--max-connections", type=int, default=64)
+    args = ap.parse_args()
+    lines = Path(args.bodies).read_text().splitlines() if args.bodies else []
+    bodies = [line.encode() for line in lines if line]
+    print(json.dumps(asyncio.run(run(args.url, args.path, bodies, args.rate, args.seconds, args.max_connections))))
+
+
+if __name__ == "__main__":
+    main()
