@@ -35,14 +35,16 @@ def heldout(rate: float, n: int) -> dict[str, Any]:
     return {"rate": rate, "ci": [round(lo, 4), round(hi, 4)], "answers": n}
 
 
-def champion_figures(eval_run_id: str | None, promoted: bool) -> dict[str, float | None]:
-    """KL from base, mean length and regression exact match of whoever is champion after the cycle."""
+def champion_figures(eval_run_id: str | None, promoted: bool) -> dict[str, Any]:
+    """KL from base, mean length and regression exact match of whoever is champion after the cycle, and
+    under `candidate` the same figures of the cycle's candidate (promoted or not: why it was rejected)."""
     from training import registry
 
     if not eval_run_id:
-        return {key: None for key, *_ in CHAMPION_FIGURES}
+        return {key: None for key, *_ in CHAMPION_FIGURES} | {"candidate": {}}
     m = registry.client().get_run(eval_run_id).data.metrics
-    return {key: m.get(cand if promoted else base) for key, _, cand, base in CHAMPION_FIGURES}
+    return ({key: m.get(cand if promoted else base) for key, _, cand, base in CHAMPION_FIGURES}
+            | {"candidate": {key: m.get(cand) for key, _, cand, _ in CHAMPION_FIGURES}})
 
 
 def dataset_writers(version: str | None) -> dict[str, float]:
@@ -121,8 +123,17 @@ def plot_cycles(cycles: list[dict[str, Any]], before: dict[str, Any], path: Path
     ax.set_title("held-out thumbs-up rate (95% CI)")
     for ax, (key, label, *_) in zip(axes[1:], CHAMPION_FIGURES, strict=True):
         pts = [(c["cycle"], c[key]) for c in cycles if c.get(key) is not None]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label="champion after the cycle")
+        cand = [(c["cycle"], c["candidate"][key], c["canary_decision"] == "promote") for c in cycles
+                if (c.get("candidate") or {}).get(key) is not None]
+        for promoted in (True, False):
+            xs_c = [x for x, _, p in cand if p == promoted]
+            ys_c = [y for _, y, p in cand if p == promoted]
+            if xs_c:
+                ax.scatter(xs_c, ys_c, marker="x" if not promoted else "+", s=60, color="C3" if not promoted else "C2",
+                           label="candidate, not promoted" if not promoted else "candidate, promoted", zorder=3)
         ax.set_title(label)
+    axes[1].legend(fontsize=7)
     for c in cycles:  # mark the cycles whose candidate the users promoted
         if c["canary_decision"] == "promote":
             axes[0].annotate("promoted", (c["cycle"], c["heldout_after"]["rate"]), textcoords="offset points",

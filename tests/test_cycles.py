@@ -46,6 +46,7 @@ def test_records_parent_run_and_plot(stack, tmp_path):
     # promoted: the candidate's side of the eval serves now; rolled back: the baseline (the champion) still does
     assert (promoted["kl_from_base"], promoted["mean_length"], promoted["regression_exact_match"]) == (0.31, 40.0, 0.5)
     assert (kept["kl_from_base"], kept["mean_length"], kept["regression_exact_match"]) == (0.12, 52.0, 0.625)
+    assert kept["candidate"] == {"kl_from_base": 0.31, "mean_length": 40.0, "regression_exact_match": 0.5}
     assert promoted["dataset_rows_by_writer"] == {"base": 0.75, "base+flywheel-assistant/1": 0.25}
     assert kept["dataset_rows_by_writer"] == {"flywheel-assistant/1": 1.0}
     lo, hi = promoted["heldout_after"]["ci"]
