@@ -1,14 +1,16 @@
 """Off-policy correction, measured: one dataset, one seed, DPO with and without, each adapter judged by
 the simulated users on the held-out prompts.
 
-    python -m infra.off_policy [dataset_version=<V>] [arms=none,clipped_is] [key=value ...]
+    python -m infra.off_policy [dataset_version=<V>] ["arms=off_policy=none,off_policy=clipped_is"] [key=value ...]
 
 A flywheel's dataset mixes answers of several adapter versions (the champion's, the canary's, older
 ones'). `off_policy=clipped_is` in training.dpo re-weighs each pair by how likely the policy being
 improved finds its answers compared with the policy that wrote them (weighted_dpo.importance_weights).
 This trains one adapter per arm from the current champion on the same rows with the same seed, serves
 each by explicit version, and measures its held-out thumbs-up rate with the same simulated users and
-seeds, so the arms differ only in the correction. The hidden preference measures here, as in the demo;
+seeds, so the arms differ only in the correction. An arm is any set of training.dpo overrides
+(`reference=base` compares DPO's reference choice the same way); with `evaluate=true` each arm also
+gets the eval suite against the champion (judge none: KL from base, length, regression, safety). The hidden preference measures here, as in the demo;
 the arm that wins is what `off_policy` defaults to, decided by a person reading this report.
 
 Needs the stack and a chat server on the registry (the demo leaves them up with keep_running=true) and
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -34,8 +37,9 @@ class Config:
     """Train each arm on one dataset version and measure it.
 
     Data: dataset_version ("" = the newest with DPO rows from more than one adapter version).
-    Training: dpo_config, dpo_overrides (space-separated key=value for training.dpo), arms (comma-separated
-      off_policy values), seed.
+    Training: dpo_config, dpo_overrides (space-separated key=value for training.dpo, every arm), arms
+      (comma-separated arms, each a space-separated set of training.dpo overrides), seed.
+    Drift: evaluate (the eval suite per arm, judge none), eval_overrides.
     Measurement: n_users, measure_answers_per_prompt, max_tokens, preference (the simulated users' hidden
       preference: it measures, it decides nothing).
     """
@@ -43,8 +47,10 @@ class Config:
     dataset_version: str = ""
     dpo_config: str = "training/configs/dpo.smollm2.yaml"
     dpo_overrides: str = ""
-    arms: str = "none,clipped_is"
+    arms: str = "off_policy=none,off_policy=clipped_is"
     seed: int = 0
+    evaluate: bool = False
+    eval_overrides: str = ""
     n_users: int = 30
     measure_answers_per_prompt: int = 3
     max_tokens: int = 80
@@ -61,14 +67,33 @@ def mixed_dataset() -> str:
     raise SystemExit("no dataset version mixes adapter versions yet; run `make demo DEMO_ARGS=cycles=2` first")
 
 
+def _slug(arm: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", arm.lower()).strip("-")
+
+
 def train_arm(cfg: Config, version: str, arm: str) -> dict[str, Any]:
-    """training.dpo from the champion with off_policy=<arm>; registered under alias off-policy-<arm>."""
+    """training.dpo from the champion with the arm's overrides; registered under alias arm-<slug>."""
     from infra.demo import run_job
 
-    out = endpoints.var_dir() / "runs" / "off-policy" / f"{version}-{arm}-seed{cfg.seed}"
-    return run_job("training.dpo", "--config", cfg.dpo_config, f"dataset_version={version}", f"off_policy={arm}",
-                   f"seed={cfg.seed}", f"output_dir={out}", f"registry_alias=off-policy-{arm.replace('_', '-')}",
-                   *cfg.dpo_overrides.split())
+    out = endpoints.var_dir() / "runs" / "dpo-arms" / f"{version}-{_slug(arm)}-seed{cfg.seed}"
+    return run_job("training.dpo", "--config", cfg.dpo_config, f"dataset_version={version}", f"seed={cfg.seed}",
+                   f"output_dir={out}", f"registry_alias=arm-{_slug(arm)}", *cfg.dpo_overrides.split(), *arm.split())
+
+
+DRIFT = ("kl_per_token", "length_drift", "regression_em_delta", "sycophancy_delta", "over_refusal_delta",
+         "harmful_compliance_delta")
+
+
+def evaluate_arm(cfg: Config, label: str) -> dict[str, float]:
+    """The eval suite, candidate vs champion, no judge: the drift and safety figures the gate reads."""
+    from infra.demo import run_job
+    from training import registry
+
+    out = run_job("training.evaluate", "--candidate", f"models:/{label}",
+                  "--baseline", f"models:/{registry.DEFAULT_MODEL_NAME}@champion", "--judge", "none",
+                  *cfg.eval_overrides.split())
+    metrics = registry.client().get_run(out["run_id"]).data.metrics
+    return {k: round(metrics[k], 4) for k in DRIFT if k in metrics}
 
 
 def measure(cfg: Config, adapter: str) -> dict[str, Any]:
@@ -105,6 +130,8 @@ def main(cfg: Config) -> dict[str, Any]:
         report["arms"][arm] = {"model_version": label, "heldout": measure(cfg, label),
                                "mean_is_weight": round(sum(weights) / len(weights), 4) if weights else None,
                                "mlflow_run_id": trained["run_id"]}
+        if cfg.evaluate:
+            report["arms"][arm]["vs_champion"] = evaluate_arm(cfg, label)
         report["arms"][arm]["gain"] = difference(report["start_heldout"], report["arms"][arm]["heldout"])
     arms = list(report["arms"])
     if len(arms) == 2:

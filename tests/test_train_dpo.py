@@ -350,6 +350,11 @@ def test_dpo_job_trains_registers_and_continues_from_champion(dpo_dataset: str, 
     # At the start the policy equals its reference (the champion): margins 0, but the policy already prefers.
     assert second["metrics"]["heldout_before_rewards_margins"] == pytest.approx(0.0, abs=1e-5)
     assert second["metrics"]["heldout_before_policy_pref_acc"] == m["heldout_policy_pref_acc"]
+    # reference=base: the same start, but the margins the champion already has over the base count from
+    # the first step: exactly the first run's final held-out margins.
+    third = _run_job(dpo_dataset, tmp_path / "third", "precision=fp32", "max_steps=1", "reference=base",
+                     "register=false")
+    assert third["metrics"]["heldout_before_rewards_margins"] == pytest.approx(m["heldout_rewards_margins"], abs=1e-3)
 
 
 def test_killed_run_resumes_to_the_same_metrics(dpo_dataset: str, tiny_model: str, tmp_path: Path) -> None:

@@ -203,6 +203,14 @@ def load_policy(base_model: str, hw: Hardware, start: StartPoint, lora: Any):  #
                                         target_modules=lora.target_modules, task_type="CAUSAL_LM")
 
 
+def load_base(base_model: str, hw: Hardware):  # -> transformers.PreTrainedModel
+    """The bare base model, frozen, loaded as load_policy loads it (e.g. as a DPO reference)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(endpoints.model_path(base_model), **policy_load_kwargs(hw))
+    return model.eval().requires_grad_(False)
+
+
 def log_inputs(cfg: Any, version: str, kind: str, train, heldout, start: StartPoint, hw: Hardware,  # noqa: ANN001
                extra: dict[str, Any] | None = None) -> None:
     """Rank 0, at the start of a LoRA trainer's run: its config (plus where it started and on what) and

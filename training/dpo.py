@@ -44,7 +44,9 @@ class Config:
                    flip_labels (swap chosen and rejected: a deliberately bad adapter, for the sabotage drill
                    that proves the live canary rolls back what users dislike)
     Model:         base_model (tiny | smollm2 | path | HF id), init_from (champion | base | models:/... | folder),
-                   lora.{r, alpha, dropout, target_modules}
+                   lora.{r, alpha, dropout, target_modules}, reference (start: the adapter training starts
+                   from, so each cycle is a step from what users see now | base: the base model, so the
+                   margins the champion already has count and a step shrinks as they grow)
     Objective:     loss_type (sigmoid | ipo | robust), beta, label_smoothing (robust: assumed label-flip rate),
                    sft_alpha (weight of the chosen answers' per-token NLL added to the loss; 0 = plain DPO)
     Off-policy:    off_policy (none | clipped_is: each pair's weight times the clipped per-token importance
@@ -65,6 +67,7 @@ class Config:
     flip_labels: bool = False
     base_model: str = "tiny"
     init_from: str = "champion"
+    reference: str = "start"
     lora: LoraSettings = field(default_factory=LoraSettings)
     loss_type: str = "sigmoid"
     beta: float = 0.1
@@ -300,6 +303,10 @@ def load_pairs(cfg: Config, version: str):  # -> (train, heldout | None) as data
 def main(cfg: Config) -> dict[str, Any]:
     if cfg.loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type={cfg.loss_type!r} is not one of {LOSS_TYPES}")
+    if cfg.reference not in ("start", "base"):
+        raise ValueError(f"reference={cfg.reference!r}: start | base")
+    if cfg.off_policy == "clipped_is" and cfg.reference != "start":
+        raise ValueError("off_policy=clipped_is weighs pairs by the start policy, the reference: needs reference=start")
     if cfg.off_policy not in OFF_POLICY or (cfg.off_policy == "clipped_is" and cfg.is_clip <= 1):
         raise ValueError(f"off_policy={cfg.off_policy!r} is_clip={cfg.is_clip}: off_policy is one of {OFF_POLICY}, "
                          f"and clipped_is needs is_clip > 1")
@@ -314,11 +321,14 @@ def main(cfg: Config) -> dict[str, Any]:
     hw = common.detect_hardware(cfg.precision)
     start = common.resolve_start(cfg.init_from, cfg.registry_model, cfg.base_model, out / "start")
     model, tokenizer, peft_config = common.load_policy(cfg.base_model, hw, start, cfg.lora)
+    # TRL's default reference for an adapter it is handed is a frozen copy of it ("ref"); an explicit
+    # ref_model (the bare base) replaces that when asked for.
+    ref_model = common.load_base(cfg.base_model, hw) if cfg.reference == "base" and start.adapter_dir else None
     args = _training_args(cfg, hw, out)
     train = common.share_between_ranks(train, args, out / "data" / "train")
     heldout = common.share_between_ranks(heldout, args, out / "data" / "eval")
     metrics_cb = common.MlflowMetrics(hw.device)
-    trainer = WeightedDPOTrainer(model=model, args=args, train_dataset=train, eval_dataset=heldout,
+    trainer = WeightedDPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=train, eval_dataset=heldout,
                                  processing_class=tokenizer, peft_config=peft_config, callbacks=[metrics_cb],
                                  data_collator=WeightedPreferenceCollator(
                                      pad_token_id=tokenizer.pad_token_id, max_length=cfg.max_length))
@@ -327,6 +337,7 @@ def main(cfg: Config) -> dict[str, Any]:
     common.prepare_for_autocast(trainer.model, hw)
 
     tags = {"trainer": "dpo", "dataset_version": version, "base_model": cfg.base_model, "start": start.label,
+            "reference": "base" if cfg.reference == "base" or start.adapter_dir is None else start.label,
             **hw.tags()}
     is_main = common.is_main_process()
     run_ctx = common.start_mlflow_run(cfg.experiment, cfg.run_name or f"dpo-{version}", out, tags) \
