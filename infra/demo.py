@@ -50,7 +50,7 @@ REPO = endpoints.REPO_ROOT
 
 @dataclass
 class Config:
-    """One demo cycle.
+    """The demo: one cycle of the loop, or `cycles` in a row.
 
     Model: base_model, dpo_config, dpo_overrides, eval_overrides, dataset_overrides, gate_overrides.
     Traffic: n_users, traffic_answers_per_prompt, measure_answers_per_prompt, adversarial_share, noise,
