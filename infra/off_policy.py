@@ -10,8 +10,9 @@ This trains one adapter per arm from the current champion on the same rows with 
 each by explicit version, and measures its held-out thumbs-up rate with the same simulated users and
 seeds, so the arms differ only in the correction. An arm is any set of training.dpo overrides
 (`reference=base` compares DPO's reference choice the same way); with `evaluate=true` each arm also
-gets the eval suite against the champion (judge none: KL from base, length, regression, safety). The hidden preference measures here, as in the demo;
-the arm that wins is what `off_policy` defaults to, decided by a person reading this report.
+gets the eval suite against the champion (judge none: KL from base, length, regression, safety). The
+hidden preference measures here, as in the demo; which arm becomes the default is decided by a person
+reading this report, never by this job.
 
 Needs the stack and a chat server on the registry (the demo leaves them up with keep_running=true) and
 a dataset version with mixed writers (by default the newest whose DPO rows come from more than one

@@ -33,7 +33,7 @@ if [[ "$(cat .venv-airflow/.flywheel-stamp 2>/dev/null)" != "$af_hash" ]]; then
   echo "setup: installing Airflow 3 into .venv-airflow ..."
   [[ -x .venv-airflow/bin/python ]] || "$PYTHON" -m venv .venv-airflow
   quiet_pip .venv-airflow/bin/pip install -q --disable-pip-version-check --no-deps --require-hashes -r infra/requirements-airflow.lock
-  .venv-airflow/bin/pip check -q --disable-pip-version-check 2>/dev/null || .venv-airflow/bin/pip check
+  .venv-airflow/bin/pip check --disable-pip-version-check
   .venv-airflow/bin/airflow version >/dev/null \
     || { echo "setup: Airflow does not run from .venv-airflow" >&2; exit 1; }
   echo "$af_hash" > .venv-airflow/.flywheel-stamp

@@ -6,10 +6,12 @@
 Closed-loop clients (send the next request when the answer arrives) slow down with the server and hide
 its queueing ("coordinated omission"). Here request i is due at t0 + i / rate; its latency is counted
 from that due time, not from when it was sent, so a stall shows as the latency of every request that
-should have left during it (including waits for a free connection when all `--max-connections` are busy). Requests go over a pool of keep-alive HTTP/1.1 connections on raw asyncio
-streams (an HTTP client library cost ~1 ms of Python per request: at 1,000/s the client, not the
-server, saturated a core). `send_lag_ms` (when the generator got to a request, minus its due time)
-says whether the generator kept its schedule: when its p99 is large, the figures describe the client. Prints one JSON object.
+should have left during it (including waits for a free connection when all `--max-connections` are
+busy). Requests go over a pool of keep-alive HTTP/1.1 connections on raw asyncio streams (an HTTP
+client library cost ~1 ms of Python per request: at 1,000/s the client, not the server, saturated a
+core). `send_lag_ms` (when the generator got to a request, minus its due time) says whether the
+generator kept its schedule: when its p99 is large, the figures describe the client. Prints one JSON
+object.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from urllib.parse import urlsplit
 
 
 def _request(method: str, host: str, path: str, body: bytes) -> bytes:
-    head = f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-    return (head + f"Content-Length: {len(body)}\r\n\r\n").encode() + body if body else \
-        (f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n\r\n").encode()
+    head = f"{method} {path} HTTP/1.1\r\nHost: {host}\r\n"
+    if body:
+        head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+    return (head + "\r\n").encode() + body
 
 
 async def _read_response(reader: asyncio.StreamReader) -> int:
