@@ -29,6 +29,22 @@ def test_spool_roundtrip(tmp_path):
     assert Spool(tmp_path).pending == 2  # a new process finds what the old one left
 
 
+def test_full_queue_spills_to_the_spool(tmp_path):
+    """Past `queue_size` records waiting for the sender, publish() appends to the spool instead of
+    queueing: it still returns at once and loses nothing. No broker needed: none is reachable here."""
+    pub = EventPublisher("127.0.0.1:9", tmp_path / "spool", queue_size=0, retry_interval_s=60)
+    try:
+        t0 = time.monotonic()
+        for i in range(5):
+            pub.publish("t", f"k{i}", json.dumps({"event_id": f"e{i}"}).encode())
+        assert time.monotonic() - t0 < 1.0
+        assert pub.counts["overflow"] == 5 and pub.spool.pending == 5
+        spooled = [r for seg in pub.spool.segments() for r in pub.spool.read(seg)]
+        assert [r.event_id() for r in spooled] == [f"e{i}" for i in range(5)]
+    finally:
+        pub.close(timeout=1)
+
+
 def test_broker_outage_spools_and_replays_exactly_once(stack, tmp_path):
     """Freeze the broker (SIGSTOP) while publishing: publish() never blocks, records spool, and after
     SIGCONT every event id is in the topic exactly once, including records that were in flight at
