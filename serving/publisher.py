@@ -128,8 +128,8 @@ class EventPublisher:
         self.delivery_timeout_ms = delivery_timeout_ms
         self.retry_interval_s = retry_interval_s
         self.spool = Spool(Path(spool_dir), fsync=fsync)
-        # SimpleQueue: a C put that wakes the sender without queue.Queue's Condition (its notify was ~8% of
-        # a feedback request's event-loop time); the bound is checked on qsize instead.
+        # SimpleQueue: its put is one C call, where queue.Queue runs a Python Condition.notify on the event
+        # loop for every record; the bound is checked on qsize instead.
         self._queue: queue.SimpleQueue[Record] = queue.SimpleQueue()
         self._queue_size = queue_size
         self._producer = None
