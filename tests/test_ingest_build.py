@@ -166,6 +166,31 @@ def test_rows_name_the_policy_that_wrote_each_answer(built, landed):
     assert m["replay"]["replayed_rows"] == 0
 
 
+def test_cut_off_answers_keep_their_writer_but_not_their_logprob(spark):
+    """attach_behaviour on hand-made frames: a logged log-prob counts only for an answer that ended by
+    itself (`stop`); a cut-off one (`length`) lacks the end-of-turn token training scores, so its
+    log-prob is null while its writer is kept; no adapter = "base"."""
+    from datetime import UTC, datetime
+
+    from ingest.build_dataset import _Facts, attach_behaviour
+
+    t = datetime(2026, 11, 23, 10, tzinfo=UTC)
+    resp = spark.createDataFrame(
+        [("r1", None, "stop", -3.0, t), ("r2", "flywheel-assistant/2", "length", -9.0, t),
+         ("r3", "flywheel-assistant/2", "stop", -4.5, t)],
+        "response_id string, adapter_version string, finish_reason string, completion_logprob double, "
+        "created_at timestamp")
+    rows = spark.createDataFrame([("dpo", ["r1", "r2"], 1.0), ("dpo", ["r3", "r1"], 1.0), ("kto", ["r2"], 1.0)],
+                                 "kind string, response_ids array<string>, weight double")
+    got = attach_behaviour(rows, resp, Config(), _Facts(t, t, t, t)).collect()
+    dpo = {tuple(r["response_ids"]): r for r in got if r["kind"] == "dpo"}
+    (kto,) = [r for r in got if r["kind"] == "kto"]
+    assert (dpo["r1", "r2"]["chosen_policy"], dpo["r1", "r2"]["chosen_logprob"]) == ("base", -3.0)
+    assert (dpo["r1", "r2"]["rejected_policy"], dpo["r1", "r2"]["rejected_logprob"]) == ("flywheel-assistant/2", None)
+    assert (dpo["r3", "r1"]["chosen_logprob"], dpo["r3", "r1"]["rejected_logprob"]) == (-4.5, -3.0)
+    assert (kto["policy"], kto["logprob"], kto["rejected_policy"]) == ("flywheel-assistant/2", None, None)
+
+
 def test_replay_decays_rows_answered_before_the_window(spark, built, landed):
     """Half the hour as the window and the other half replayed: the same answers, and each row older
     than `start` weighs 0.5 ** (age / half-life) of what it weighs with the whole hour as the window."""
