@@ -43,6 +43,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
+from starlette.types import Scope
 
 from ingest import endpoints
 from ingest.events import (
@@ -855,7 +856,7 @@ class PlainRoute(Route):
     """A Starlette route that, like FastAPI's, puts itself in the scope: CatchAll labels the per-route
     metrics with its path."""
 
-    def matches(self, scope):  # noqa: ANN001, ANN201
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
         match, child = super().matches(scope)
         if match is not Match.NONE:
             child["route"] = self
