@@ -10,8 +10,8 @@ should have left during it (including waits for a free connection when all `--ma
 busy). Requests go over a pool of keep-alive HTTP/1.1 connections on raw asyncio streams (an HTTP
 client library cost ~1 ms of Python per request: at 1,000/s the client, not the server, saturated a
 core). `send_lag_ms` (when the generator got to a request, minus its due time) says whether the
-generator kept its schedule: when its p99 is large, the figures describe the client. Prints one JSON
-object.
+generator kept its schedule: when its p99 is large, the figures describe the client (`--realtime` runs
+it under SCHED_FIFO where allowed). Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -107,11 +108,27 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=1000.0, help="requests per second")
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--max-connections", type=int, default=64)
+    ap.add_argument("--realtime", action="store_true",
+                    help="run under SCHED_FIFO when allowed, so the server under test cannot delay the schedule")
     args = ap.parse_args()
     lines = Path(args.bodies).read_text().splitlines() if args.bodies else []
     bodies = [line.encode() for line in lines if line]
+    realtime = args.realtime and _realtime()
     # uvloop: the generator's own per-request cost is what limits how steady its schedule is on 2 cores.
-    print(json.dumps(uvloop.run(run(args.url, args.path, bodies, args.rate, args.seconds, args.max_connections))))
+    out = uvloop.run(run(args.url, args.path, bodies, args.rate, args.seconds, args.max_connections))
+    print(json.dumps({**out, "realtime": realtime}))
+
+
+def _realtime() -> bool:
+    """SCHED_FIFO for this process, if the OS allows it (root or CAP_SYS_NICE). On a machine with few
+    cores the server under load otherwise takes the CPU the generator needs to send on time, and its
+    lateness counts as the server's latency. The generator sleeps between requests (a few % of a core),
+    and the kernel's real-time throttling bounds it regardless."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))
+    except (AttributeError, OSError):
+        return False
+    return True
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@
                not share a GIL.
   open_loop    POST /v1/feedback under an open-loop load at a fixed 1,000 requests/s (requests leave on
                schedule and latency counts from the due time: tests/benchmarks/_open_loop.py, its own
-               process), against GET /healthz under the same load. Goal p99 <= 2 ms.
+               process, SCHED_FIFO where allowed), against GET /healthz under the same load. Goal p99 <= 2 ms.
   streaming    SmolLM2 through the HTTP server: time to the first token and tokens/s of streamed
                answers vs the same requests not streamed.
   batching     chat tokens/s on SmolLM2-135M (dtype auto) at concurrency 8 vs concurrency 1 through the
@@ -167,7 +167,7 @@ OPEN_LOOP_RATE = float(os.environ.get("FLYWHEEL_BENCH_RATE", "1000"))
 
 
 def _open_loop(url: str, path: str, bodies: Path | None, seconds: float = 10.0) -> dict:
-    cmd = [sys.executable, "-m", "tests.benchmarks._open_loop", "--url", url, "--path", path,
+    cmd = [sys.executable, "-m", "tests.benchmarks._open_loop", "--url", url, "--path", path, "--realtime",
            "--rate", str(OPEN_LOOP_RATE), "--seconds", str(seconds), *(["--bodies", str(bodies)] if bodies else [])]
     out = subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True, timeout=seconds * 6 + 60)
     return json.loads(out.stdout.strip().splitlines()[-1])
