@@ -31,10 +31,30 @@ import os
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 log = logging.getLogger("serving.publisher")
+
+
+def put_or_spill(q: queue.SimpleQueue, bound: int, rec: Record, spill: Callable[[list[Record]], None]) -> bool:
+    """Queue `rec` unless `bound` records already wait, else hand it to `spill` (the disk). True if queued."""
+    if q.qsize() < bound:
+        q.put_nowait(rec)
+        return True
+    spill([rec])
+    return False
+
+
+def wait_for(ready: Callable[[], bool], timeout: float) -> bool:
+    """Ask `ready` every 50 ms until it says yes or `timeout` seconds have passed; its last answer."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ready():
+            return True
+        time.sleep(0.05)
+    return ready()
 
 
 @dataclass(frozen=True)
@@ -151,15 +171,11 @@ class EventPublisher:
 
     def publish(self, topic: str, key: str, value: bytes) -> None:
         """Queue one record; never blocks. A full queue spills to the disk spool."""
-        rec = Record(topic, key, value)
         with self._lock:
             self.counts["published"] += 1
-        if self._queue.qsize() < self._queue_size:
-            self._queue.put_nowait(rec)
-            return
-        with self._lock:
-            self.counts["overflow"] += 1
-        self._to_spool([rec])
+        if not put_or_spill(self._queue, self._queue_size, Record(topic, key, value), self._to_spool):
+            with self._lock:
+                self.counts["overflow"] += 1
 
     def state(self) -> dict:
         return {"mode": self._mode, "queue": self._queue.qsize(), "in_flight": len(self._pending),
@@ -172,12 +188,7 @@ class EventPublisher:
                 and self.spool.pending == 0)
 
     def wait_idle(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.idle():
-                return True
-            time.sleep(0.05)
-        return self.idle()
+        return wait_for(self.idle, timeout)
 
     def close(self, timeout: float = 10.0) -> None:
         """Drain: send what can be sent within `timeout`, spool the rest."""

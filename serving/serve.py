@@ -112,6 +112,9 @@ class EventsConfig:
     delivery_timeout_ms: int = 10_000
     retry_interval_s: float = 1.0
     fsync: bool = False  # fsync every spool append (slower; survives a power cut)
+    # thread: the publisher runs in this process; sidecar: in a child process fed through a pipe, so
+    # Kafka's client work does not take the event loop's GIL (serving/sidecar.py)
+    process: str = "thread"
 
 
 @dataclass
@@ -173,6 +176,7 @@ def build(cfg: Config):  # noqa: ANN201 - returns serving.app.Service
     from serving.adapters import AdapterRouter
     from serving.app import Service, create_app
     from serving.publisher import EventPublisher
+    from serving.sidecar import SidecarPublisher
 
     # MLflow's client retries a dead server for minutes by default; the poller retries on its own.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
@@ -197,7 +201,10 @@ def build(cfg: Config):  # noqa: ANN201 - returns serving.app.Service
                            challenger_alias=cfg.registry.challenger_alias,
                            challenger_share=cfg.registry.challenger_share, max_loaded=cfg.registry.max_loaded,
                            prefetch=cfg.registry.prefetch_challenger)
-    publisher = EventPublisher(cfg.events.bootstrap or endpoints.kafka_bootstrap(),
+    if cfg.events.process not in ("thread", "sidecar"):
+        raise ValueError(f"events.process={cfg.events.process!r}: thread | sidecar")
+    publisher_class = SidecarPublisher if cfg.events.process == "sidecar" else EventPublisher
+    publisher = publisher_class(cfg.events.bootstrap or endpoints.kafka_bootstrap(),
                                cfg.events.spool_dir or var / "spool", queue_size=cfg.events.queue_size,
                                compression=cfg.events.compression,
                                delivery_timeout_ms=cfg.events.delivery_timeout_ms,

@@ -7,6 +7,8 @@
   open_loop    POST /v1/feedback under an open-loop load at a fixed 1,000 requests/s (requests leave on
                schedule and latency counts from the due time: tests/benchmarks/_open_loop.py, its own
                process, SCHED_FIFO where allowed), against GET /healthz under the same load. Goal p99 <= 2 ms.
+               Twice: the publisher on a thread of the server, and in its own process (events.process=
+               sidecar; serving_open_loop_sidecar.json).
   streaming    SmolLM2 through the HTTP server: time to the first token and tokens/s of streamed
                answers vs the same requests not streamed.
   batching     chat tokens/s on SmolLM2-135M (dtype auto) at concurrency 8 vs concurrency 1 through the
@@ -173,9 +175,19 @@ def _open_loop(url: str, path: str, bodies: Path | None, seconds: float = 10.0) 
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_feedback_open_loop(server_process, tmp_path):
-    """Feedback at a fixed 1,000/s from a generator in its own process, vs /healthz at the same rate."""
-    url = server_process
+@pytest.fixture(scope="module")
+def sidecar_server_process(stack, tiny_model, tmp_path_factory):
+    """The same server with its publisher in a child process (events.process=sidecar)."""
+    with serving_process(tmp_path_factory.mktemp("bench-sidecar"), "serving/configs/serve.tiny.yaml",
+                         "http.feedback_per_minute=0", "generation.max_tokens=8", "events.process=sidecar") as url:
+        yield url
+
+
+@pytest.mark.parametrize("process", ["thread", "sidecar"])
+def test_feedback_open_loop(process, request, tmp_path):
+    """Feedback at a fixed 1,000/s from a generator in its own process, vs /healthz at the same rate;
+    with the publisher on a thread of the server and in its own process."""
+    url = request.getfixturevalue("server_process" if process == "thread" else "sidecar_server_process")
     with httpx.Client(base_url=url, timeout=30) as c:
         answers = [c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
                                                          "user": f"u{i}"}).json() for i in range(50)]
@@ -189,7 +201,7 @@ def test_feedback_open_loop(server_process, tmp_path):
     fb = _open_loop(url, "/v1/feedback", bodies)
     health = httpx.get(url + "/healthz").json()
     state, server = health["events"], health["backend"]
-    save("open_loop", {
+    save("open_loop" if process == "thread" else "open_loop_sidecar", {
         "feedback": fb, "healthz": hz, "ratio_p99_feedback_vs_healthz": round(fb["p99_ms"] / hz["p99_ms"], 2),
         "producer": {k: state[k] for k in ("mode", "sent", "spooled", "published")}},
         dtype=server["precision"]["dtype"], threads=server["precision"]["threads"],

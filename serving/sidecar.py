@@ -1,0 +1,224 @@
+"""The event publisher in its own process (`events.process: sidecar`), so Kafka's client work does not
+share the serving process's GIL with the event loop.
+
+    python -m serving.sidecar --bootstrap HOST:PORT --spool-dir DIR [--queue-size N ...]
+
+The child runs the same `EventPublisher` (direct sends, spool, in-doubt checks, ordered replay). The
+serving process only hands each record to a writer thread that writes one JSON line (`Record.line`) to
+the child's stdin; the child reports its `state()` as a JSON line on stdout every `STATE_INTERVAL_S`.
+
+What it keeps and what it does not:
+- A record is written to the pipe or, when the child is gone (it died, or did not start) or the queue is
+  full, written as a complete spool segment into `<spool_dir>/from-server/`; every child, when it
+  starts, moves those segments into its own spool and replays them in order. So a dead child loses only
+  what it held in memory (its queue and unacknowledged sends), as a crashed serving process does with
+  the in-process publisher; records spilled while a child runs wait for the next child's start.
+- When the serving process dies, the child reads the end of its stdin and drains: what it still held
+  is sent or spooled, not lost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from serving.publisher import EventPublisher, Record, put_or_spill, wait_for
+
+log = logging.getLogger("serving.sidecar")
+STATE_INTERVAL_S = 0.2
+FROM_SERVER = "from-server"  # segments the serving process wrote while no child could take them
+
+
+def adopt_server_segments(spool_dir: Path) -> int:
+    """Move the serving process's complete segments into the spool (same names: time order is kept)."""
+    moved = 0
+    spool_dir.mkdir(parents=True, exist_ok=True)
+    for seg in sorted((spool_dir / FROM_SERVER).glob("seg-*.jsonl")):
+        seg.rename(spool_dir / seg.name)
+        moved += 1
+    return moved
+
+
+class SidecarPublisher:
+    """`EventPublisher`'s interface (publish, state, counts, wait_idle, close) over a child process."""
+
+    def __init__(self, bootstrap: str, spool_dir: str | Path, queue_size: int = 10_000, compression: str = "gzip",
+                 delivery_timeout_ms: int = 10_000, retry_interval_s: float = 1.0, fsync: bool = False,
+                 restart_interval_s: float = 1.0):
+        self.spool_dir = Path(spool_dir)
+        self._cmd = [sys.executable, "-m", "serving.sidecar", "--bootstrap", bootstrap, "--spool-dir",
+                     str(self.spool_dir), "--queue-size", str(queue_size), "--compression", compression or "none",
+                     "--delivery-timeout-ms", str(delivery_timeout_ms), "--retry-interval-s", str(retry_interval_s),
+                     *(["--fsync"] if fsync else [])]
+        self._fsync = fsync
+        self._queue: queue.SimpleQueue[Record | None] = queue.SimpleQueue()
+        self._queue_size = queue_size
+        self._restart_interval_s = restart_interval_s
+        self._lock = threading.Lock()
+        self._child: subprocess.Popen | None = None
+        self._child_state: dict = {}
+        self._written = 0  # records written to the current child's stdin
+        self.restarts = 0
+        self.local = {"published": 0, "spooled_here": 0}
+        self._start_child()
+        self._writer = threading.Thread(target=self._write_loop, name="serving-sidecar-writer", daemon=True)
+        self._writer.start()
+
+    # --- the request side ---------------------------------------------------------------------
+
+    def publish(self, topic: str, key: str, value: bytes) -> None:
+        """Queue one record for the writer thread; never blocks. A full queue spills to the spool."""
+        with self._lock:
+            self.local["published"] += 1
+        put_or_spill(self._queue, self._queue_size, Record(topic, key, value), self._to_spool)
+
+    @property
+    def counts(self) -> dict:
+        c = self._child_state.get("counts", {})
+        return {"published": self.local["published"], "sent": c.get("sent", 0),
+                "spooled": c.get("spooled", 0) + self.local["spooled_here"], "replayed": c.get("replayed", 0),
+                "overflow": c.get("overflow", 0), "already_landed": c.get("already_landed", 0)}
+
+    def state(self) -> dict:
+        s = self._child_state
+        return {"mode": s.get("mode", "starting"), "queue": self._queue.qsize() + s.get("queue", 0),
+                "in_flight": s.get("in_flight", 0), "spool_pending": s.get("spool_pending", 0),
+                "spool_dir": str(self.spool_dir), "last_error": s.get("last_error"), **self.counts,
+                "process": "sidecar", "sidecar_pid": self._child.pid if self._child else None,
+                "sidecar_restarts": self.restarts}
+
+    def idle(self) -> bool:
+        s = self._child_state
+        return (self._queue.empty() and s.get("idle", False) and s.get("received", -1) == self._written
+                and s.get("mode") == "direct")
+
+    def wait_idle(self, timeout: float) -> bool:
+        return wait_for(self.idle, timeout)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Write what is queued, then close the child's stdin: it drains (sends or spools) and exits."""
+        self._queue.put(None)
+        self._writer.join(timeout=timeout)
+        child = self._child
+        if child is not None:
+            with contextlib.suppress(OSError):
+                child.stdin.close()
+            try:
+                child.wait(timeout=timeout + 5)
+            except subprocess.TimeoutExpired:
+                child.kill()
+
+    # --- the writer thread --------------------------------------------------------------------
+
+    def _start_child(self) -> None:
+        self._written = 0
+        self._child_state = {}
+        try:
+            self._child = subprocess.Popen(self._cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+        except OSError as e:
+            log.warning("could not start the publisher sidecar: %s", e)
+            self._child = None
+            return
+        threading.Thread(target=self._read_loop, args=(self._child,), name="serving-sidecar-reader",
+                         daemon=True).start()
+
+    def _read_loop(self, child: subprocess.Popen) -> None:
+        for line in child.stdout:
+            with contextlib.suppress(ValueError):
+                if child is self._child:
+                    self._child_state = json.loads(line)
+
+    def _to_spool(self, records: list[Record]) -> None:
+        # A whole segment written under a temporary name and renamed: a child only ever sees complete ones.
+        folder = self.spool_dir / FROM_SERVER
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f"seg-{time.time_ns():020d}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("".join(r.line() for r in records))
+            f.flush()
+            if self._fsync:
+                os.fsync(f.fileno())
+        tmp.rename(tmp.with_suffix(".jsonl"))
+        with self._lock:
+            self.local["spooled_here"] += len(records)
+
+    def _write_loop(self) -> None:
+        last_start = time.monotonic()
+        while True:
+            rec = self._queue.get()
+            if rec is None:
+                return
+            child = self._child
+            if child is not None and child.poll() is None:
+                try:
+                    child.stdin.write(rec.line().encode("utf-8"))
+                    self._written += 1
+                    continue
+                except (BrokenPipeError, OSError, ValueError):
+                    pass
+            # The child is gone: keep the record on disk, and start a new child now and then.
+            self._to_spool([rec])
+            if time.monotonic() - last_start > self._restart_interval_s:
+                last_start = time.monotonic()
+                with contextlib.suppress(OSError):
+                    if child is not None:
+                        child.wait(timeout=1)
+                self.restarts += 1
+                log.warning("publisher sidecar exited (code %s); restarting it", child and child.returncode)
+                self._start_child()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="The serving publisher in its own process: records on stdin "
+                                             "(one Record JSON line each), its state on stdout.")
+    ap.add_argument("--bootstrap", required=True)
+    ap.add_argument("--spool-dir", required=True)
+    ap.add_argument("--queue-size", type=int, default=10_000)
+    ap.add_argument("--compression", default="gzip")
+    ap.add_argument("--delivery-timeout-ms", type=int, default=10_000)
+    ap.add_argument("--retry-interval-s", type=float, default=1.0)
+    ap.add_argument("--fsync", action="store_true")
+    args = ap.parse_args()
+    # The serving process shares our process group: a Ctrl-C or a group SIGTERM meant for it must not
+    # stop us before it has closed our stdin, which is what makes us drain and exit.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.getLogger("kafka").setLevel(logging.CRITICAL)
+    adopt_server_segments(Path(args.spool_dir))
+    pub = EventPublisher(args.bootstrap, args.spool_dir, queue_size=args.queue_size, compression=args.compression,
+                         delivery_timeout_ms=args.delivery_timeout_ms, retry_interval_s=args.retry_interval_s,
+                         fsync=args.fsync)
+    received = 0
+    done = threading.Event()
+
+    def report() -> None:
+        while not done.wait(STATE_INTERVAL_S):
+            line = json.dumps({**pub.state(), "counts": dict(pub.counts), "idle": pub.idle(), "received": received})
+            try:
+                sys.stdout.write(line + "\n")
+                sys.stdout.flush()
+            except (BrokenPipeError, ValueError):
+                return
+
+    threading.Thread(target=report, name="sidecar-state", daemon=True).start()
+    for line in sys.stdin.buffer:
+        if line.strip():
+            rec = Record.from_line(line.decode("utf-8"))
+            pub.publish(rec.topic, rec.key, rec.value)
+            received += 1
+    pub.close()
+    done.set()
+
+
+if __name__ == "__main__":
+    main()
