@@ -161,7 +161,9 @@ class SidecarPublisher:
             child = self._child
             if child is not None and child.poll() is None:
                 try:
-                    child.stdin.write(rec.line().encode("utf-8"))
+                    data = memoryview(rec.line().encode("utf-8"))
+                    while data:  # an unbuffered pipe write may take less than it was given
+                        data = data[child.stdin.write(data):]
                     self._written += 1
                     continue
                 except (BrokenPipeError, OSError, ValueError):
@@ -212,10 +214,15 @@ def main() -> None:
 
     threading.Thread(target=report, name="sidecar-state", daemon=True).start()
     for line in sys.stdin.buffer:
-        if line.strip():
+        if not line.strip():
+            continue
+        try:
             rec = Record.from_line(line.decode("utf-8"))
-            pub.publish(rec.topic, rec.key, rec.value)
-            received += 1
+        except (ValueError, KeyError):  # the server writes whole lines; never let one stop the publisher
+            log.error("publisher sidecar: unreadable record line of %d bytes skipped", len(line))
+            continue
+        pub.publish(rec.topic, rec.key, rec.value)
+        received += 1
     pub.close()
     done.set()
 
