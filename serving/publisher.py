@@ -105,12 +105,24 @@ class Spool:
         with self.lock:
             if self._current is None:
                 self._current = self.folder / f"seg-{time.time_ns():020d}.jsonl"
-            with open(self._current, "a", encoding="utf-8") as f:
-                f.write("".join(r.line() for r in records))
-                f.flush()
-                if self.fsync:
-                    os.fsync(f.fileno())
+            self._write(self._current, "a", records)
             self.pending += len(records)
+
+    def add_segment(self, records: list[Record]) -> None:
+        """`records` as a segment of their own, written under a temporary name and renamed: a reader of
+        the folder (another process) only ever sees whole segments."""
+        with self.lock:
+            tmp = self.folder / f"seg-{time.time_ns():020d}.tmp"
+            self._write(tmp, "w", records)
+            tmp.rename(tmp.with_suffix(".jsonl"))
+            self.pending += len(records)
+
+    def _write(self, path: Path, mode: str, records: list[Record]) -> None:
+        with open(path, mode, encoding="utf-8") as f:
+            f.write("".join(r.line() for r in records))
+            f.flush()
+            if self.fsync:
+                os.fsync(f.fileno())
 
     def seal(self) -> list[Path]:
         """Close the segment being written; later appends start a new one. Returns all segments."""

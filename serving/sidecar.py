@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import json
 import logging
-import os
 import queue
 import signal
 import subprocess
@@ -33,7 +32,7 @@ import threading
 import time
 from pathlib import Path
 
-from serving.publisher import EventPublisher, Record, put_or_spill, wait_for
+from serving.publisher import EventPublisher, Record, Spool, put_or_spill, wait_for
 
 log = logging.getLogger("serving.sidecar")
 STATE_INTERVAL_S = 0.2
@@ -61,7 +60,7 @@ class SidecarPublisher:
                      str(self.spool_dir), "--queue-size", str(queue_size), "--compression", compression or "none",
                      "--delivery-timeout-ms", str(delivery_timeout_ms), "--retry-interval-s", str(retry_interval_s),
                      *(["--fsync"] if fsync else [])]
-        self._fsync = fsync
+        self._from_server = Spool(self.spool_dir / FROM_SERVER, fsync=fsync)
         self._queue: queue.SimpleQueue[Record | None] = queue.SimpleQueue()
         self._queue_size = queue_size
         self._restart_interval_s = restart_interval_s
@@ -140,16 +139,7 @@ class SidecarPublisher:
                     self._child_state = json.loads(line)
 
     def _to_spool(self, records: list[Record]) -> None:
-        # A whole segment written under a temporary name and renamed: a child only ever sees complete ones.
-        folder = self.spool_dir / FROM_SERVER
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f"seg-{time.time_ns():020d}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write("".join(r.line() for r in records))
-            f.flush()
-            if self._fsync:
-                os.fsync(f.fileno())
-        tmp.rename(tmp.with_suffix(".jsonl"))
+        self._from_server.add_segment(records)  # whole segments: a starting child may be adopting them
         with self._lock:
             self.local["spooled_here"] += len(records)
 

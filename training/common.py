@@ -186,7 +186,7 @@ def load_policy(base_model: str, hw: Hardware, start: StartPoint, lora: Any):  #
     """(model, tokenizer, peft_config): a trainable PeftModel when continuing from an adapter (then no
     config), else the base and a fresh LoRA config from `lora` (r, alpha, dropout, target_modules)."""
     from peft import LoraConfig, PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     path = endpoints.model_path(base_model)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -196,7 +196,7 @@ def load_policy(base_model: str, hw: Hardware, start: StartPoint, lora: Any):  #
     # Weights load fp32 and the Trainer autocasts to bf16/fp16: the LoRA update is then accumulated in
     # fp32 (small deltas would round away in bf16; docs/performance.md). Once PEFT has frozen the base, its
     # Linear weights can be stored in bf16 (prepare_for_autocast: same numbers, no per-step casts).
-    model = AutoModelForCausalLM.from_pretrained(path, **policy_load_kwargs(hw))
+    model = _base_weights(base_model, hw)
     if start.adapter_dir is not None:
         return PeftModel.from_pretrained(model, str(start.adapter_dir), is_trainable=True), tokenizer, None
     return model, tokenizer, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
@@ -205,10 +205,13 @@ def load_policy(base_model: str, hw: Hardware, start: StartPoint, lora: Any):  #
 
 def load_base(base_model: str, hw: Hardware):  # -> transformers.PreTrainedModel
     """The bare base model, frozen, loaded as load_policy loads it (e.g. as a DPO reference)."""
+    return _base_weights(base_model, hw).eval().requires_grad_(False)
+
+
+def _base_weights(base_model: str, hw: Hardware):  # -> transformers.PreTrainedModel
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(endpoints.model_path(base_model), **policy_load_kwargs(hw))
-    return model.eval().requires_grad_(False)
+    return AutoModelForCausalLM.from_pretrained(endpoints.model_path(base_model), **policy_load_kwargs(hw))
 
 
 def log_inputs(cfg: Any, version: str, kind: str, train, heldout, start: StartPoint, hw: Hardware,  # noqa: ANN001
