@@ -115,6 +115,9 @@ class EventsConfig:
     # thread: the publisher runs in this process; sidecar: in a child process fed through a pipe, so
     # Kafka's client work does not take the event loop's GIL (serving/sidecar.py)
     process: str = "thread"
+    # sidecar only: added to the child's nice value, so that under CPU contention the serving process
+    # (whose answers wait) runs before the child (whose sends are batched and can wait)
+    sidecar_nice: int = 10
 
 
 @dataclass
@@ -203,12 +206,12 @@ def build(cfg: Config):  # noqa: ANN201 - returns serving.app.Service
                            prefetch=cfg.registry.prefetch_challenger)
     if cfg.events.process not in ("thread", "sidecar"):
         raise ValueError(f"events.process={cfg.events.process!r}: thread | sidecar")
-    publisher_class = SidecarPublisher if cfg.events.process == "sidecar" else EventPublisher
-    publisher = publisher_class(cfg.events.bootstrap or endpoints.kafka_bootstrap(),
-                               cfg.events.spool_dir or var / "spool", queue_size=cfg.events.queue_size,
-                               compression=cfg.events.compression,
-                               delivery_timeout_ms=cfg.events.delivery_timeout_ms,
-                               retry_interval_s=cfg.events.retry_interval_s, fsync=cfg.events.fsync)
+    sidecar = cfg.events.process == "sidecar"
+    publisher = (SidecarPublisher if sidecar else EventPublisher)(
+        cfg.events.bootstrap or endpoints.kafka_bootstrap(), cfg.events.spool_dir or var / "spool",
+        queue_size=cfg.events.queue_size, compression=cfg.events.compression,
+        delivery_timeout_ms=cfg.events.delivery_timeout_ms, retry_interval_s=cfg.events.retry_interval_s,
+        fsync=cfg.events.fsync, **({"nice": cfg.events.sidecar_nice} if sidecar else {}))
     service = Service(cfg=cfg, backend=backend, router=router, publisher=publisher,
                       secrets=token_secrets(cfg), api_keys=api_keys(cfg), served_name=served_name)
     if cfg.registry.enabled:
