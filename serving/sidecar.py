@@ -226,6 +226,7 @@ class SidecarPublisher:
                 child = self._child
                 with contextlib.suppress(OSError, subprocess.TimeoutExpired):
                     if child is not None:
+                        child.stdin.close()  # its descriptor: one per restart would otherwise stay open
                         child.wait(timeout=1)
                 self.restarts += 1
                 log.warning("publisher sidecar exited (code %s); restarting it", child and child.returncode)
