@@ -154,8 +154,10 @@ class EventPublisher:
     """Non-blocking, spool-backed Kafka publishing for the serving process."""
 
     def __init__(self, bootstrap: str, spool_dir: str | Path, queue_size: int = 10_000, compression: str = "gzip",
-                 delivery_timeout_ms: int = 10_000, retry_interval_s: float = 1.0, fsync: bool = False):
+                 delivery_timeout_ms: int = 10_000, retry_interval_s: float = 1.0, fsync: bool = False,
+                 linger_ms: int = 50):
         self.bootstrap = bootstrap
+        self.linger_ms = linger_ms
         self.compression = None if compression in ("", "none") else compression
         self.delivery_timeout_ms = delivery_timeout_ms
         self.retry_interval_s = retry_interval_s
@@ -222,7 +224,7 @@ class EventPublisher:
 
         return KafkaProducer(
             bootstrap_servers=self.bootstrap, acks="all", enable_idempotence=True, compression_type=self.compression,
-            linger_ms=5, max_in_flight_requests_per_connection=5, retries=5,
+            linger_ms=self.linger_ms, max_in_flight_requests_per_connection=5, retries=5,
             request_timeout_ms=min(5_000, self.delivery_timeout_ms // 2), delivery_timeout_ms=self.delivery_timeout_ms,
             max_block_ms=5_000, reconnect_backoff_ms=200, reconnect_backoff_max_ms=1_000,
             # a dead broker must fail the probe fast: the sender thread is the one that spools

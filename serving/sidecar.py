@@ -60,12 +60,12 @@ class SidecarPublisher:
 
     def __init__(self, bootstrap: str, spool_dir: str | Path, queue_size: int = 10_000, compression: str = "gzip",
                  delivery_timeout_ms: int = 10_000, retry_interval_s: float = 1.0, fsync: bool = False,
-                 restart_interval_s: float = 1.0, nice: int = 10):
+                 restart_interval_s: float = 1.0, nice: int = 10, linger_ms: int = 50):
         self.spool_dir = Path(spool_dir)
         self._cmd = [sys.executable, "-m", "serving.sidecar", "--bootstrap", bootstrap, "--spool-dir",
                      str(self.spool_dir), "--queue-size", str(queue_size), "--compression", compression or "none",
                      "--delivery-timeout-ms", str(delivery_timeout_ms), "--retry-interval-s", str(retry_interval_s),
-                     "--nice", str(nice), *(["--fsync"] if fsync else [])]
+                     "--nice", str(nice), "--linger-ms", str(linger_ms), *(["--fsync"] if fsync else [])]
         self._from_server = Spool(self.spool_dir / FROM_SERVER, fsync=fsync)
         # Records not yet in the pipe, oldest first, each with its encoded line; the first may be partly
         # written (`_head_sent` bytes). Every write to the pipe happens under `_cond`'s lock, and a caller
@@ -246,6 +246,7 @@ def main() -> None:
     ap.add_argument("--delivery-timeout-ms", type=int, default=10_000)
     ap.add_argument("--retry-interval-s", type=float, default=1.0)
     ap.add_argument("--fsync", action="store_true")
+    ap.add_argument("--linger-ms", type=int, default=50)
     ap.add_argument("--nice", type=int, default=10,
                     help="added to this process's nice value: under CPU contention the serving process, whose "
                          "answers wait on it, runs first; sending is batched and can wait")
@@ -259,7 +260,7 @@ def main() -> None:
     adopt_server_segments(Path(args.spool_dir))
     pub = EventPublisher(args.bootstrap, args.spool_dir, queue_size=args.queue_size, compression=args.compression,
                          delivery_timeout_ms=args.delivery_timeout_ms, retry_interval_s=args.retry_interval_s,
-                         fsync=args.fsync)
+                         fsync=args.fsync, linger_ms=args.linger_ms)
     received = 0
     done = threading.Event()
 
