@@ -7,8 +7,10 @@
   open_loop    POST /v1/feedback under an open-loop load at a fixed 1,000 requests/s (requests leave on
                schedule and latency counts from the due time: tests/benchmarks/_open_loop.py, its own
                process, SCHED_FIFO where allowed), against GET /healthz under the same load. Goal p99 <= 2 ms.
-               Twice: the publisher on a thread of the server, and in its own process (events.process=
-               sidecar; serving_open_loop_sidecar.json).
+               Four arms: the publisher on a thread of the server, and in its own process (events.process=
+               sidecar; serving_open_loop_sidecar.json), each against the stack's broker (S3 storage)
+               and against a broker with memory storage (*_memory_broker.json), whose storage costs no
+               CPU here. Each records every process's share of the CPU during the feedback run.
   streaming    SmolLM2 through the HTTP server: time to the first token and tokens/s of streamed
                answers vs the same requests not streamed.
   batching     chat tokens/s on SmolLM2-135M (dtype auto) at concurrency 8 vs concurrency 1 through the
@@ -183,11 +185,95 @@ def sidecar_server_process(stack, tiny_model, tmp_path_factory):
         yield url
 
 
-@pytest.mark.parametrize("process", ["thread", "sidecar"])
-def test_feedback_open_loop(process, request, tmp_path):
+@pytest.fixture(scope="module")
+def memory_broker(stack):  # noqa: ANN201 - yields its bootstrap
+    """A second tansu broker with memory:// storage: the same Kafka protocol and acks, but no S3 store
+    behind it, whose own CPU (a Python emulator, fsyncing a journal) shares this machine's cores with
+    the server under test. What serving costs, apart from what the embedded stack's storage costs."""
+    from infra import stack as stack_mod
+
+    port = free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    proc = subprocess.Popen([str(stack_mod.tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url",
+                             url, "--storage-engine", "memory://", "--cluster-id", "bench"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        bootstrap = f"127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                stack_mod.ensure_topics(bootstrap)
+                break
+            except Exception:
+                assert time.monotonic() < deadline and proc.poll() is None, "the memory broker did not start"
+                time.sleep(0.2)
+        yield bootstrap
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _memory_server(process: str, memory_broker: str, tmp_path_factory):  # noqa: ANN202, ANN001
+    return serving_process(tmp_path_factory.mktemp(f"bench-{process}-memory"), "serving/configs/serve.tiny.yaml",
+                           "http.feedback_per_minute=0", "generation.max_tokens=8", f"events.process={process}",
+                           f"events.bootstrap={memory_broker}")
+
+
+@pytest.fixture(scope="module")
+def memory_server_process(tiny_model, memory_broker, tmp_path_factory):
+    with _memory_server("thread", memory_broker, tmp_path_factory) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def sidecar_memory_server_process(tiny_model, memory_broker, tmp_path_factory):
+    with _memory_server("sidecar", memory_broker, tmp_path_factory) as url:
+        yield url
+
+
+def _cpu_seconds() -> dict[int, tuple[str, float]]:
+    """Every process's CPU seconds so far, each with a short role name."""
+    import psutil
+
+    out = {}
+    for p in psutil.process_iter(["name", "cmdline", "cpu_times"]):
+        times, cmd = p.info["cpu_times"], " ".join(p.info["cmdline"] or [])
+        if times is None:
+            continue
+        role = ("server" if "-m serving --config" in cmd else "publisher child" if "serving.sidecar" in cmd
+                else "s3 store" if "infra.s3store" in cmd else "broker" if p.info["name"] == "tansu"
+                else p.info["name"])
+        out[p.pid] = (role, times.user + times.system)
+    return out
+
+
+def _cpu_shares(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], seconds: float,
+                generator_s: float) -> dict[str, float]:
+    """Percent of one core per role over the run (roles above 2%), the generator's from its rusage."""
+    shares: dict[str, float] = {"load generator": generator_s}
+    for pid, (role, t) in after.items():
+        shares[role] = shares.get(role, 0.0) + t - before.get(pid, (role, 0.0))[1]
+    return dict(sorted(((k, round(v / seconds * 100, 1)) for k, v in shares.items() if v / seconds > 0.02),
+                       key=lambda kv: -kv[1]))
+
+
+ARMS = {  # name -> (server fixture, result file)
+    "thread": ("server_process", "open_loop"),
+    "sidecar": ("sidecar_server_process", "open_loop_sidecar"),
+    "thread-memory-broker": ("memory_server_process", "open_loop_memory_broker"),
+    "sidecar-memory-broker": ("sidecar_memory_server_process", "open_loop_sidecar_memory_broker"),
+}
+
+
+@pytest.mark.parametrize("arm", list(ARMS))
+def test_feedback_open_loop(arm, request, tmp_path):
     """Feedback at a fixed 1,000/s from a generator in its own process, vs /healthz at the same rate;
-    with the publisher on a thread of the server and in its own process."""
-    url = request.getfixturevalue("server_process" if process == "thread" else "sidecar_server_process")
+    with the publisher on a thread of the server and in its own process, each against the embedded
+    stack's broker and against a broker without storage behind it (`memory_broker`)."""
+    import resource
+
+    fixture, result = ARMS[arm]
+    url = request.getfixturevalue(fixture)
     with httpx.Client(base_url=url, timeout=30) as c:
         answers = [c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
                                                          "user": f"u{i}"}).json() for i in range(50)]
@@ -198,12 +284,17 @@ def test_feedback_open_loop(process, request, tmp_path):
     _open_loop(url, "/healthz", None, seconds=2)  # warm-up: connections, the first requests' imports
     _open_loop(url, "/v1/feedback", bodies, seconds=2)
     hz = _open_loop(url, "/healthz", None)
+    before, gen0, t0 = _cpu_seconds(), resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic()
     fb = _open_loop(url, "/v1/feedback", bodies)
+    after, gen1 = _cpu_seconds(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    generator_s = gen1.ru_utime + gen1.ru_stime - gen0.ru_utime - gen0.ru_stime  # the only child waited for
+    cpu = _cpu_shares(before, after, time.monotonic() - t0, generator_s)
     health = httpx.get(url + "/healthz").json()
     state, server = health["events"], health["backend"]
-    save("open_loop" if process == "thread" else "open_loop_sidecar", {
+    save(result, {
         "feedback": fb, "healthz": hz, "ratio_p99_feedback_vs_healthz": round(fb["p99_ms"] / hz["p99_ms"], 2),
-        "producer": {k: state[k] for k in ("mode", "sent", "spooled", "published")}},
+        "producer": {k: state[k] for k in ("mode", "sent", "spooled", "published")},
+        "cpu_percent_of_a_core_during_feedback": cpu},
         dtype=server["precision"]["dtype"], threads=server["precision"]["threads"],
         targets=[Target("feedback_p99_ms", fb["p99_ms"], "<=", 2.0),
                  # the generator kept its schedule, so the figures are the server's
