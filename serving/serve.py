@@ -115,9 +115,10 @@ class EventsConfig:
     # How long the producer waits to fill a batch. kafka-python's cost is mostly per produce request,
     # so a longer wait is less CPU per event on the serving host (events are not latency-critical).
     linger_ms: int = 50
-    # thread: the publisher runs in this process; sidecar: in a child process fed through a pipe, so
-    # Kafka's client work does not take the event loop's GIL (serving/sidecar.py)
-    process: str = "thread"
+    # sidecar: the publisher runs in a child process fed through a pipe (serving/sidecar.py), so Kafka's
+    # client work does not take the event loop's GIL, and events a crashed server had accepted are still
+    # sent; thread: in this process (one process fewer; its queue dies with the process)
+    process: str = "sidecar"
     # sidecar only: added to the child's nice value, so that under CPU contention the serving process
     # (whose answers wait) runs before the child (whose sends are batched and can wait)
     sidecar_nice: int = 10

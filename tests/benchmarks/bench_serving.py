@@ -106,7 +106,7 @@ def serving_process(var: Path, config: str, *overrides: str, start_timeout: floa
 
 @pytest.fixture(scope="module")
 def server_process(stack, tiny_model, tmp_path_factory):
-    """The tiny model's server, feedback unthrottled."""
+    """The tiny model's server, feedback unthrottled, the publisher as configured by default (sidecar)."""
     with serving_process(tmp_path_factory.mktemp("bench-serving"), "serving/configs/serve.tiny.yaml",
                          "http.feedback_per_minute=0", "generation.max_tokens=8") as url:
         yield url
@@ -178,10 +178,10 @@ def _open_loop(url: str, path: str, bodies: Path | None, seconds: float = 10.0) 
 
 
 @pytest.fixture(scope="module")
-def sidecar_server_process(stack, tiny_model, tmp_path_factory):
-    """The same server with its publisher in a child process (events.process=sidecar)."""
-    with serving_process(tmp_path_factory.mktemp("bench-sidecar"), "serving/configs/serve.tiny.yaml",
-                         "http.feedback_per_minute=0", "generation.max_tokens=8", "events.process=sidecar") as url:
+def thread_server_process(stack, tiny_model, tmp_path_factory):
+    """The same server with its publisher on a thread of the server process (events.process=thread)."""
+    with serving_process(tmp_path_factory.mktemp("bench-thread"), "serving/configs/serve.tiny.yaml",
+                         "http.feedback_per_minute=0", "generation.max_tokens=8", "events.process=thread") as url:
         yield url
 
 
@@ -258,8 +258,8 @@ def _cpu_shares(before: dict[int, tuple[str, float]], after: dict[int, tuple[str
 
 
 ARMS = {  # name -> (server fixture, result file)
-    "thread": ("server_process", "open_loop"),
-    "sidecar": ("sidecar_server_process", "open_loop_sidecar"),
+    "thread": ("thread_server_process", "open_loop"),
+    "sidecar": ("server_process", "open_loop_sidecar"),  # the default
     "thread-memory-broker": ("memory_server_process", "open_loop_memory_broker"),
     "sidecar-memory-broker": ("sidecar_memory_server_process", "open_loop_sidecar_memory_broker"),
 }
