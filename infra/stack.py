@@ -267,14 +267,19 @@ def kafka_ready(bootstrap: str, timeout_ms: int = 2000) -> bool:
         return False
 
 
+def broker_command(port: int, storage: str, cluster_id: str = "flywheel") -> list[str]:
+    """tansu on 127.0.0.1:`port` with the storage engine URL `storage` (s3://bucket/ or memory://)."""
+    url = f"tcp://127.0.0.1:{port}"
+    return [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
+            "--storage-engine", storage, "--cluster-id", cluster_id]
+
+
 def _kafka() -> Component:
     port = endpoints.port("kafka")
-    url = f"tcp://127.0.0.1:{port}"
     return Component(
         name="kafka",
         port=port,
-        command=lambda: [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
-                         "--storage-engine", f"s3://{S3_BUCKET}/", "--cluster-id", "flywheel"],
+        command=lambda: broker_command(port, f"s3://{S3_BUCKET}/"),
         env=lambda: {
             "AWS_ENDPOINT": f"http://127.0.0.1:{endpoints.port('s3')}",
             "AWS_ALLOW_HTTP": "true",

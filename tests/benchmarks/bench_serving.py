@@ -193,20 +193,15 @@ def memory_broker(stack):  # noqa: ANN201 - yields its bootstrap
     from infra import stack as stack_mod
 
     port = free_port()
-    url = f"tcp://127.0.0.1:{port}"
-    proc = subprocess.Popen([str(stack_mod.tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url",
-                             url, "--storage-engine", "memory://", "--cluster-id", "bench"],
+    bootstrap = f"127.0.0.1:{port}"
+    proc = subprocess.Popen(stack_mod.broker_command(port, "memory://", cluster_id="bench"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
-        bootstrap = f"127.0.0.1:{port}"
         deadline = time.monotonic() + 30
-        while True:
-            try:
-                stack_mod.ensure_topics(bootstrap)
-                break
-            except Exception:
-                assert time.monotonic() < deadline and proc.poll() is None, "the memory broker did not start"
-                time.sleep(0.2)
+        while not stack_mod.kafka_ready(bootstrap):
+            assert time.monotonic() < deadline and proc.poll() is None, "the memory broker did not start"
+            time.sleep(0.2)
+        stack_mod.ensure_topics(bootstrap)
         yield bootstrap
     finally:
         proc.terminate()
@@ -231,20 +226,26 @@ def sidecar_memory_server_process(tiny_model, memory_broker, tmp_path_factory):
         yield url
 
 
-def _cpu_seconds() -> dict[int, tuple[str, float]]:
-    """Every process's CPU seconds so far, each with a short role name."""
+def _cpu_seconds(url: str) -> dict[int, tuple[str, float]]:
+    """Every process's CPU seconds so far, each with a short role name; "server" and "publisher child"
+    are the server at `url` and its child, other servers (the other arms' fixtures) are "other servers"."""
     import psutil
 
+    server_arg = f"http.port={url.rsplit(':', 1)[1]}"
     out = {}
-    for p in psutil.process_iter(["name", "cmdline", "cpu_times"]):
-        times, cmd = p.info["cpu_times"], " ".join(p.info["cmdline"] or [])
+    for p in psutil.process_iter(["name", "cmdline", "cpu_times", "ppid"]):
+        times, args = p.info["cpu_times"], p.info["cmdline"] or []
         if times is None:
             continue
-        role = ("server" if "-m serving --config" in cmd else "publisher child" if "serving.sidecar" in cmd
+        cmd = " ".join(args)
+        role = ("server" if server_arg in args else "publisher child" if "serving.sidecar" in cmd
+                else "other servers" if "-m serving --config" in cmd
                 else "s3 store" if "infra.s3store" in cmd else "broker" if p.info["name"] == "tansu"
                 else p.info["name"])
-        out[p.pid] = (role, times.user + times.system)
-    return out
+        out[p.pid] = (role, times.user + times.system, p.info["ppid"])
+    server = {pid for pid, (role, _, _) in out.items() if role == "server"}
+    return {pid: ("other servers" if role == "publisher child" and ppid not in server else role, t)
+            for pid, (role, t, ppid) in out.items()}
 
 
 def _cpu_shares(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], seconds: float,
@@ -284,9 +285,9 @@ def test_feedback_open_loop(arm, request, tmp_path):
     _open_loop(url, "/healthz", None, seconds=2)  # warm-up: connections, the first requests' imports
     _open_loop(url, "/v1/feedback", bodies, seconds=2)
     hz = _open_loop(url, "/healthz", None)
-    before, gen0, t0 = _cpu_seconds(), resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic()
+    before, gen0, t0 = _cpu_seconds(url), resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic()
     fb = _open_loop(url, "/v1/feedback", bodies)
-    after, gen1 = _cpu_seconds(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    after, gen1 = _cpu_seconds(url), resource.getrusage(resource.RUSAGE_CHILDREN)
     generator_s = gen1.ru_utime + gen1.ru_stime - gen0.ru_utime - gen0.ru_stime  # the only child waited for
     cpu = _cpu_shares(before, after, time.monotonic() - t0, generator_s)
     health = httpx.get(url + "/healthz").json()
