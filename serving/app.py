@@ -31,6 +31,7 @@ import re
 import threading
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from itertools import accumulate
@@ -42,8 +43,6 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match, Route
-from starlette.types import Scope
 
 from ingest import endpoints
 from ingest.events import (
@@ -567,12 +566,20 @@ def _error_body(message: str, typ: str, code: str | None, param: str | None = No
 
 
 class CatchAll:
-    """Outermost app code: times every request per route for /metrics, and answers an exception no
-    handler expected with a 500 in OpenAI's shape *without* re-raising it, so uvicorn keeps the
-    connection open (Starlette's ServerErrorMiddleware re-raises, and uvicorn then drops it)."""
+    """Outermost app code: times every request per route for /metrics, answers an exception no handler
+    expected with a 500 in OpenAI's shape *without* re-raising it, so uvicorn keeps the connection open
+    (Starlette's ServerErrorMiddleware re-raises, and uvicorn then drops it), and serves the hot routes
+    in `fast` itself.
 
-    def __init__(self, app, metrics: ServingMetrics):  # noqa: ANN001
-        self.app, self.metrics = app, metrics
+    `fast` maps (method, path) to a handler that takes a Request and returns a Response, raising only
+    ApiError for the client's faults: such a handler needs nothing of the framework's request handling
+    (routing, dependencies, exception middleware, telemetry), which is Python that does no work for it.
+    Feedback is that route: every thumb, copy, edit and dwell. Its FastAPI route stays behind, for the
+    OpenAPI schema and for any path the table does not match exactly (a root_path, say)."""
+
+    def __init__(self, app, metrics: ServingMetrics,  # noqa: ANN001
+                 fast: dict[tuple[str, str], Callable[[Request], Awaitable[Response]]] | None = None):
+        self.app, self.metrics, self.fast = app, metrics, fast or {}
 
     async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
         if scope["type"] != "http":
@@ -580,6 +587,7 @@ class CatchAll:
             return
         t0 = time.perf_counter()
         status = {"code": 500, "started": False}
+        handler = self.fast.get((scope["method"], scope["path"]))
 
         async def tracked(message) -> None:  # noqa: ANN001
             if message["type"] == "http.response.start":
@@ -587,7 +595,14 @@ class CatchAll:
             await send(message)
 
         try:
-            await self.app(scope, receive, tracked)
+            if handler is None:
+                await self.app(scope, receive, tracked)
+            else:
+                try:
+                    response = await handler(Request(scope, receive))
+                except ApiError as e:
+                    response = api_error_response(e, self.metrics)
+                await response(scope, receive, tracked)
         except Exception:
             log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
             if not status["started"]:
@@ -602,9 +617,17 @@ class CatchAll:
         finally:
             route = scope.get("route")
             # Only route templates as labels: a fuzzer's random paths must not grow the label set.
-            name = getattr(route, "path", None) or "unmatched"
+            name = scope["path"] if handler is not None else getattr(route, "path", None) or "unmatched"
             self.metrics.request_seconds.labels(name, scope.get("method", ""), str(status["code"])).observe(
                 time.perf_counter() - t0)
+
+
+def api_error_response(e: ApiError, metrics: ServingMetrics) -> JSONResponse:
+    """An ApiError as OpenAI's error body, counted by status and code."""
+    typ = {401: "authentication_error", 429: "rate_limit_error"}.get(e.status, "invalid_request_error")
+    metrics.api_errors.labels(str(e.status), e.code).inc()
+    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 and e.code == "invalid_api_key" else None
+    return JSONResponse(_error_body(e.message, typ, e.code, e.param), status_code=e.status, headers=headers)
 
 
 # --- routes: thin handlers over the Service; each reads it from app.state --------------------------------
@@ -823,15 +846,12 @@ def _replay(seen: tuple[str, dict], fingerprint: str, event_id: str) -> JSONResp
 def create_app(service: Service) -> FastAPI:
     app = FastAPI(title="Flywheel assistant", version="1", docs_url="/docs", redoc_url=None)
     app.state.service = service
-    app.add_middleware(CatchAll, metrics=service.metrics)
+    app.add_middleware(CatchAll, metrics=service.metrics, fast={("POST", "/v1/feedback"): feedback})
     metrics = service.metrics
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, e: ApiError) -> JSONResponse:
-        typ = {401: "authentication_error", 429: "rate_limit_error"}.get(e.status, "invalid_request_error")
-        metrics.api_errors.labels(str(e.status), e.code).inc()
-        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 and e.code == "invalid_api_key" else None
-        return JSONResponse(_error_body(e.message, typ, e.code, e.param), status_code=e.status, headers=headers)
+        return api_error_response(e, metrics)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, e: StarletteHTTPException) -> JSONResponse:
@@ -842,25 +862,8 @@ def create_app(service: Service) -> FastAPI:
                             headers=getattr(e, "headers", None))
 
     app.include_router(routes)
-    # Feedback is the hot path (every thumb, copy, edit and dwell). Its handler reads and validates its
-    # own body and returns its own response, so FastAPI's request handling around it (dependencies,
-    # response validation, telemetry) is Python that does no work here, on the route that sees the most
-    # requests. A plain Starlette route in front serves it; the FastAPI route behind it stays for the
-    # OpenAPI schema (/docs, clients, the fuzz tests), which thus describes the handler that serves.
-    app.router.routes.insert(0, PlainRoute("/v1/feedback", feedback, methods=["POST"], name="feedback"))
     app.openapi = functools.partial(openapi, app, service)
     return app
-
-
-class PlainRoute(Route):
-    """A Starlette route that, like FastAPI's, puts itself in the scope: CatchAll labels the per-route
-    metrics with its path."""
-
-    def matches(self, scope: Scope) -> tuple[Match, Scope]:
-        match, child = super().matches(scope)
-        if match is not Match.NONE:
-            child["route"] = self
-        return match, child
 
 
 def openapi(app: FastAPI, service: Service) -> dict:
