@@ -572,10 +572,11 @@ class CatchAll:
     in `fast` itself.
 
     `fast` maps (method, path) to a handler that takes a Request and returns a Response, raising only
-    ApiError for the client's faults: such a handler needs nothing of the framework's request handling
-    (routing, dependencies, exception middleware, telemetry), which is Python that does no work for it.
-    Feedback is that route: every thumb, copy, edit and dwell. Its FastAPI route stays behind, for the
-    OpenAPI schema and for any path the table does not match exactly (a root_path, say)."""
+    ApiError for the client's faults. Such a handler needs nothing of what lies inside this middleware
+    (exception middleware, exit stack, router, route wrapper, dependencies), which is Python that does
+    no work for it; the layers outside it (server-error, telemetry, body limit) still run. Feedback is
+    that route: every thumb, copy, edit and dwell. Its FastAPI route stays behind, for the OpenAPI
+    schema and for any path the table does not match exactly (a root_path, say)."""
 
     def __init__(self, app, metrics: ServingMetrics,  # noqa: ANN001
                  fast: dict[tuple[str, str], Callable[[Request], Awaitable[Response]]] | None = None):
