@@ -31,7 +31,6 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from itertools import accumulate
@@ -532,13 +531,17 @@ def parse_json_body(raw: bytes, max_depth: int, max_number_chars: int) -> dict:
     return obj
 
 
+def check_body_headers(content_length: str | None, content_type: str, limit: int) -> None:
+    """ApiError 413 for a declared length over `limit`, 415 for a content-type that is not JSON."""
+    if content_length and re.fullmatch(r"[0-9]{1,20}", content_length) and int(content_length) > limit:
+        raise ApiError(413, f"body is {content_length} bytes; the limit is {limit}", code="body_too_large")
+    if content_type and "json" not in content_type.lower():
+        raise ApiError(415, f"content-type {content_type!r} is not JSON; send application/json",
+                       code="unsupported_media")
+
+
 async def _read_json(request: Request, limit: int, http_cfg: Any) -> dict:  # noqa: ANN401
-    declared = request.headers.get("content-length")
-    if declared and re.fullmatch(r"[0-9]{1,20}", declared) and int(declared) > limit:
-        raise ApiError(413, f"body is {declared} bytes; the limit is {limit}", code="body_too_large")
-    ctype = request.headers.get("content-type", "")
-    if ctype and "json" not in ctype.lower():
-        raise ApiError(415, f"content-type {ctype!r} is not JSON; send application/json", code="unsupported_media")
+    check_body_headers(request.headers.get("content-length"), request.headers.get("content-type", ""), limit)
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
@@ -561,26 +564,18 @@ async def _await_unless_gone(request: Request, finals: list[Future], cancel: thr
             return None
 
 
-def _error_body(message: str, typ: str, code: str | None, param: str | None = None) -> dict:
+def error_body(message: str, typ: str, code: str | None, param: str | None = None) -> dict:
     return {"error": {"message": message, "type": typ, "code": code, "param": param}}
 
 
 class CatchAll:
     """Outermost app code: times every request per route for /metrics, answers an exception no handler
     expected with a 500 in OpenAI's shape *without* re-raising it, so uvicorn keeps the connection open
-    (Starlette's ServerErrorMiddleware re-raises, and uvicorn then drops it), and serves the hot routes
-    in `fast` itself.
+    (Starlette's ServerErrorMiddleware re-raises, and uvicorn then drops it). Most feedback does not come
+    through here: `serving.fastpath` answers it in the HTTP protocol and times it the same way."""
 
-    `fast` maps (method, path) to a handler that takes a Request and returns a Response, raising only
-    ApiError for the client's faults. Such a handler needs nothing of what lies inside this middleware
-    (exception middleware, exit stack, router, route wrapper, dependencies), which is Python that does
-    no work for it; the layers outside it (server-error, telemetry, body limit) still run. Feedback is
-    that route: every thumb, copy, edit and dwell. Its FastAPI route stays behind, for the OpenAPI
-    schema and for any path the table does not match exactly (a root_path, say)."""
-
-    def __init__(self, app, metrics: ServingMetrics,  # noqa: ANN001
-                 fast: dict[tuple[str, str], Callable[[Request], Awaitable[Response]]] | None = None):
-        self.app, self.metrics, self.fast = app, metrics, fast or {}
+    def __init__(self, app, metrics: ServingMetrics):  # noqa: ANN001
+        self.app, self.metrics = app, metrics
 
     async def __call__(self, scope, receive, send) -> None:  # noqa: ANN001
         if scope["type"] != "http":
@@ -588,7 +583,6 @@ class CatchAll:
             return
         t0 = time.perf_counter()
         status = {"code": 500, "started": False}
-        handler = self.fast.get((scope["method"], scope["path"]))
 
         async def tracked(message) -> None:  # noqa: ANN001
             if message["type"] == "http.response.start":
@@ -596,19 +590,12 @@ class CatchAll:
             await send(message)
 
         try:
-            if handler is None:
-                await self.app(scope, receive, tracked)
-            else:
-                try:
-                    response = await handler(Request(scope, receive))
-                except ApiError as e:
-                    response = api_error_response(e, self.metrics)
-                await response(scope, receive, tracked)
+            await self.app(scope, receive, tracked)
         except Exception:
             log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
             if not status["started"]:
                 status["code"] = 500
-                body = json.dumps(_error_body("internal server error; the request was not completed (this is a "
+                body = json.dumps(error_body("internal server error; the request was not completed (this is a "
                                               "fault of the server, logged there)", "server_error",
                                               "internal_error")).encode()
                 await send({"type": "http.response.start", "status": 500,
@@ -618,17 +605,23 @@ class CatchAll:
         finally:
             route = scope.get("route")
             # Only route templates as labels: a fuzzer's random paths must not grow the label set.
-            name = scope["path"] if handler is not None else getattr(route, "path", None) or "unmatched"
+            name = getattr(route, "path", None) or "unmatched"
             self.metrics.request_seconds.labels(name, scope.get("method", ""), str(status["code"])).observe(
                 time.perf_counter() - t0)
 
 
 def api_error_response(e: ApiError, metrics: ServingMetrics) -> JSONResponse:
     """An ApiError as OpenAI's error body, counted by status and code."""
+    status, body, headers = api_error_body(e, metrics)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def api_error_body(e: ApiError, metrics: ServingMetrics) -> tuple[int, dict, dict | None]:
+    """An ApiError's (status, OpenAI error body, extra headers), counted by status and code."""
     typ = {401: "authentication_error", 429: "rate_limit_error"}.get(e.status, "invalid_request_error")
     metrics.api_errors.labels(str(e.status), e.code).inc()
     headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 and e.code == "invalid_api_key" else None
-    return JSONResponse(_error_body(e.message, typ, e.code, e.param), status_code=e.status, headers=headers)
+    return e.status, error_body(e.message, typ, e.code, e.param), headers
 
 
 # --- routes: thin handlers over the Service; each reads it from app.state --------------------------------
@@ -642,9 +635,14 @@ def _service(request: Request) -> Service:
 
 def tenant_of(service: Service, request: Request) -> str | None:
     """The calling app's tenant from `Authorization: Bearer <key>`; None while no keys are set."""
+    return tenant_for(service, request.headers.get("authorization", ""))
+
+
+def tenant_for(service: Service, authorization: str) -> str | None:
+    """The tenant of an Authorization header's value; ApiError 401 when keys are set and it holds none of them."""
     if not service.keys.required:
         return None
-    scheme, _, key = request.headers.get("authorization", "").partition(" ")
+    scheme, _, key = authorization.partition(" ")
     tenant = service.keys.tenant(key.strip()) if scheme.lower() == "bearer" and key.strip() else None
     if tenant is None:
         raise ApiError(401, "a valid API key is required: send the header 'Authorization: Bearer <key>'",
@@ -789,7 +787,7 @@ async def _sse(finals: list[Future], meta: dict, deltas: asyncio.Queue, created:
             try:
                 result, extras = finals[index].result()
             except Exception as e:  # noqa: BLE001 - the status line is gone; say it in the stream
-                yield f"data: {json.dumps(_error_body(str(e), 'server_error', 'internal_error'))}\n\n"
+                yield f"data: {json.dumps(error_body(str(e), 'server_error', 'internal_error'))}\n\n"
                 yield "data: [DONE]\n\n"
                 return
             yield _chunk(rid, model, created, {}, finish=result.finish_reason, extras=extras, index=index)
@@ -810,8 +808,19 @@ async def _sse(finals: list[Future], meta: dict, deltas: asyncio.Queue, created:
 async def feedback(request: Request):  # noqa: ANN201
     service = _service(request)
     tenant = tenant_of(service, request)
-    fb = await _body(request, FeedbackIn, service.cfg.http.max_feedback_bytes)
-    claims = service.verify_feedback(fb, tenant, request.client.host if request.client else "unknown")
+    raw = await _read_json(request, service.cfg.http.max_feedback_bytes, service.cfg.http)
+    status, answer, headers = accept_feedback(service, tenant, raw, request.client.host if request.client else "unknown")
+    return JSONResponse(answer, status_code=status, headers=headers)
+
+
+def accept_feedback(service: Service, tenant: str | None, raw: dict, client: str) -> tuple[int, dict, dict | None]:
+    """A feedback body (parsed JSON) checked, recorded once and published: (status, answer, extra headers),
+    or ApiError. Synchronous, so that `serving.fastpath` can answer feedback without an ASGI round."""
+    try:
+        fb = FeedbackIn.model_validate(raw)
+    except ValidationError as e:
+        raise ApiError(422, _describe(e), code="invalid_fields") from None
+    claims = service.verify_feedback(fb, tenant, client)
     if not service.feedback_limit.allow(_user_key(tenant, fb.user)):
         raise ApiError(429, f"user {fb.user} sent too much feedback; limit is "
                             f"{service.cfg.http.feedback_per_minute:g}/minute", code="rate_limit_exceeded")
@@ -830,16 +839,20 @@ async def feedback(request: Request):  # noqa: ANN201
     stored = service.feedback_events.setdefault(event_id, (fingerprint, answer))
     if stored[1] is not answer:  # a concurrent duplicate won the race: it published, we do not
         return _replay(stored, fingerprint, event_id)
-    service.publisher.publish(service.topics["feedback"].name, fb.response_id, encode_event(event))
+    try:
+        service.publisher.publish(service.topics["feedback"].name, fb.response_id, encode_event(event))
+    except BaseException:  # not published: a retry with this event_id must publish, not be told "replayed"
+        service.feedback_events.discard(event_id, stored)
+        raise
     service.metrics.feedback.labels(fb.kind, version_label(claims.adapter_version)).inc()
-    return JSONResponse(answer, status_code=202)
+    return 202, answer, None
 
 
-def _replay(seen: tuple[str, dict], fingerprint: str, event_id: str) -> JSONResponse:
+def _replay(seen: tuple[str, dict], fingerprint: str, event_id: str) -> tuple[int, dict, dict]:
     if seen[0] != fingerprint:
         raise ApiError(409, f"event_id {event_id} was already used for different feedback; use a new "
                             f"event_id per feedback", code="event_id_conflict", param="event_id")
-    return JSONResponse(seen[1], status_code=202, headers={"Idempotent-Replayed": "true"})
+    return 202, seen[1], {"Idempotent-Replayed": "true"}
 
 
 # --- the app --------------------------------------------------------------------------------------------
@@ -847,7 +860,7 @@ def _replay(seen: tuple[str, dict], fingerprint: str, event_id: str) -> JSONResp
 def create_app(service: Service) -> FastAPI:
     app = FastAPI(title="Flywheel assistant", version="1", docs_url="/docs", redoc_url=None)
     app.state.service = service
-    app.add_middleware(CatchAll, metrics=service.metrics, fast={("POST", "/v1/feedback"): feedback})
+    app.add_middleware(CatchAll, metrics=service.metrics)
     metrics = service.metrics
 
     @app.exception_handler(ApiError)
@@ -859,7 +872,7 @@ def create_app(service: Service) -> FastAPI:
         # Unknown routes (404) and wrong methods (405) answer in the same shape as everything else.
         code = {404: "unknown_route", 405: "method_not_allowed"}.get(e.status_code, "http_error")
         metrics.api_errors.labels(str(e.status_code), code).inc()
-        return JSONResponse(_error_body(str(e.detail), "invalid_request_error", code), status_code=e.status_code,
+        return JSONResponse(error_body(str(e.detail), "invalid_request_error", code), status_code=e.status_code,
                             headers=getattr(e, "headers", None))
 
     app.include_router(routes)

@@ -151,6 +151,12 @@ class LRU:
                 self._d.popitem(last=False)
             return value
 
+    def discard(self, key, value) -> None:  # noqa: ANN001
+        """Remove `key` if it still maps to this very `value`."""
+        with self._lock:
+            if self._d.get(key) is value:
+                del self._d[key]
+
     def __len__(self) -> int:
         return len(self._d)
 

@@ -79,6 +79,8 @@ class HttpConfig:
     sse_keepalive_s: float = 15.0  # a streamed answer with nothing to send for this long gets an SSE comment
     log_level: str = "warning"
     gil_switch_interval_ms: float = 0.5  # Python's default is 5 ms
+    # POST /v1/feedback answered in the HTTP protocol itself (serving/fastpath.py), not through the app
+    fast_feedback: bool = True
 
 
 @dataclass
@@ -224,6 +226,15 @@ def build(cfg: Config):  # noqa: ANN201 - returns serving.app.Service
     return service
 
 
+def http_protocol(service) -> type | str:  # noqa: ANN001 - a serving.app.Service
+    """uvicorn's httptools protocol, answering feedback itself unless `http.fast_feedback` is off."""
+    if not service.cfg.http.fast_feedback:
+        return "httptools"
+    from serving.fastpath import feedback_protocol
+
+    return feedback_protocol(service)
+
+
 def main(cfg: Config) -> None:
     import uvicorn
 
@@ -249,7 +260,7 @@ def main(cfg: Config) -> None:
         # uvloop + httptools (declared dependencies) rather than uvicorn's "auto", which would fall back to
         # asyncio + h11 without a word and double the per-request CPU.
         uvicorn.run(service.app, host=cfg.http.host, port=cfg.http.port, log_level=cfg.http.log_level,
-                    loop="uvloop", http="httptools")
+                    loop="uvloop", http=http_protocol(service))
     finally:
         service.close()
 
@@ -286,7 +297,7 @@ class BackgroundServer:
         self.service = build(self.cfg)
         config = uvicorn.Config(self.service.app, host=self.cfg.http.host, port=self.cfg.http.port,
                                 log_level=self.cfg.http.log_level, lifespan="off", loop="uvloop",
-                                http="httptools")
+                                http=http_protocol(self.service))
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="serving-uvicorn", daemon=True)
         self._thread.start()
