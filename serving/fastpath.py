@@ -12,6 +12,9 @@ path to the app: another request still being answered on the connection (pipelin
 100-continue`, HTTP/1.0, an upgrade, `X-Forwarded-*` headers (the proxy-headers middleware decides the
 client address), a root path, a concurrency limit, a declared length over the limit. Set
 `http.fast_feedback: false` to send all feedback through the app.
+
+Every connection also makes sure the event loop's lag probe runs (`ServingMetrics.watch_event_loop`):
+the protocol is where Flywheel's code first meets a running server's loop.
 """
 
 from __future__ import annotations
@@ -38,8 +41,9 @@ PATH = b"/v1/feedback"
 ROUTE = "/v1/feedback"
 
 
-def feedback_protocol(service: Service) -> type[HttpToolsProtocol]:
-    """uvicorn's httptools protocol class, answering feedback for `service` itself."""
+def feedback_protocol(service: Service, fast: bool = True) -> type[HttpToolsProtocol]:
+    """uvicorn's httptools protocol class for `service`: it starts the event-loop lag probe of /metrics
+    and, when `fast`, answers feedback itself."""
 
     class FeedbackProtocol(HttpToolsProtocol):
         def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003 - uvicorn's own signature
@@ -48,8 +52,12 @@ def feedback_protocol(service: Service) -> type[HttpToolsProtocol]:
             self._too_large = False
             self._t0 = 0.0
 
+        def connection_made(self, transport) -> None:  # noqa: ANN001 - an asyncio transport
+            super().connection_made(transport)
+            service.metrics.watch_event_loop()
+
         def on_headers_complete(self) -> None:
-            if self._takes_this_request():
+            if fast and self._takes_this_request():
                 self._feedback, self._too_large, self._t0 = bytearray(), False, time.perf_counter()
                 return
             super().on_headers_complete()

@@ -8,7 +8,9 @@ so the hot paths of the engine and publisher carry no metrics code.
 
 from __future__ import annotations
 
+import asyncio
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -17,6 +19,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 # Feedback answers in ~1 ms and chat in seconds on CPU: buckets span both.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 RATE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+LAG_PROBE_S = 0.1
 
 
 class _StateCollector:
@@ -83,8 +87,12 @@ class ServingMetrics:
                                   ["status", "code"], registry=r)
         self.generations = Gauge("flywheel_generations_in_flight", "chat requests handed to the backend, "
                                  "not finished", registry=r)
+        self.loop_lag_seconds = Histogram(
+            "flywheel_event_loop_lag_seconds", f"how late the event loop woke from a {LAG_PROBE_S:g} s sleep: time "
+            "it was busy with other work (or off the CPU) while requests waited", buckets=LAG_BUCKETS, registry=r)
         self._in_flight = 0
         self._lock = threading.Lock()
+        self._probes: dict[int, asyncio.Task] = {}  # by id of the event loop it runs on (the loop holds tasks weakly)
         r.register(_StateCollector(backend_state, publisher_state, lambda: self._in_flight))
 
     def generation_started(self) -> None:
@@ -96,6 +104,20 @@ class ServingMetrics:
         with self._lock:
             self._in_flight -= 1
         self.generations.dec()
+
+    def watch_event_loop(self) -> None:
+        """Starts the lag probe on the running event loop, once per loop (the HTTP protocol calls this for
+        each connection). A queue of requests behind a busy loop shows here before it shows in a route's
+        latency."""
+        loop = asyncio.get_running_loop()
+        if id(loop) not in self._probes:
+            self._probes[id(loop)] = loop.create_task(self._probe())
+
+    async def _probe(self) -> None:
+        while True:
+            t0 = time.perf_counter()
+            await asyncio.sleep(LAG_PROBE_S)
+            self.loop_lag_seconds.observe(max(0.0, time.perf_counter() - t0 - LAG_PROBE_S))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -226,13 +226,12 @@ def build(cfg: Config):  # noqa: ANN201 - returns serving.app.Service
     return service
 
 
-def http_protocol(service) -> type | str:  # noqa: ANN001 - a serving.app.Service
-    """uvicorn's httptools protocol, answering feedback itself unless `http.fast_feedback` is off."""
-    if not service.cfg.http.fast_feedback:
-        return "httptools"
+def http_protocol(service) -> type:  # noqa: ANN001 - a serving.app.Service
+    """uvicorn's httptools protocol with the event-loop lag probe, answering feedback itself unless
+    `http.fast_feedback` is off."""
     from serving.fastpath import feedback_protocol
 
-    return feedback_protocol(service)
+    return feedback_protocol(service, fast=service.cfg.http.fast_feedback)
 
 
 def main(cfg: Config) -> None:

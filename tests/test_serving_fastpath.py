@@ -249,3 +249,34 @@ def test_a_fault_in_the_handler_is_a_500_the_connection_stays_open_and_a_retry_p
     monkeypatch.setattr(svc.publisher, "publish", lambda topic, key, value: published.append(key))
     [(status, headers, _)] = _exchange(port, raw)
     assert status == 202 and "idempotent-replayed" not in headers and published == [a["response_id"]]
+
+
+def test_a_blocked_event_loop_shows_in_the_lag_metric(served, monkeypatch):
+    """The probe measures the loop, not a constant: a handler that holds the loop for 0.4 s is seen as
+    a lag of more than 0.25 s."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    svc, port, _ = served
+
+    def over_quarter_second() -> float:
+        for family in text_string_to_metric_families(svc.metrics.render().decode()):
+            if family.name == "flywheel_event_loop_lag_seconds":
+                b = {s.labels.get("le"): s.value for s in family.samples if s.name.endswith("_bucket")}
+                return b["+Inf"] - b["0.25"]
+        raise AssertionError("no flywheel_event_loop_lag_seconds in /metrics")
+
+    before = over_quarter_second()
+    accept = svc.publisher.publish
+
+    def slow(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        time.sleep(0.4)  # on the event loop: the fast path runs there
+        return accept(*a, **k)
+
+    monkeypatch.setattr(svc.publisher, "publish", slow)
+    a = _answer(svc, "erin")
+    body = json.dumps({"response_id": a["response_id"], "user": "erin", "kind": "copy",
+                       "feedback_token": a["feedback_token"]}).encode()
+    assert _exchange(port, _request(body, {"Content-Type": "application/json",
+                                           "Authorization": f"Bearer {KEY}"}))[0][0] == 202
+    time.sleep(0.3)  # the probe's next wake-up records it
+    assert over_quarter_second() == before + 1
