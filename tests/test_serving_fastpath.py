@@ -207,6 +207,9 @@ def test_pipelined_and_unusual_requests_keep_their_order_and_their_answers(serve
     assert [g[0] for g in got] == [202, 200, 202]
     assert json.loads(got[1][2])["status"] == "ok"
     before = len(answered)
+    assert [g[0] for g in _exchange(port, _request(good("copy"), auth) * 3, answers=3)] == [202] * 3
+    assert len(answered) == before + 3
+    before = len(answered)
     for extra, version in (({"Expect": "100-continue"}, "1.1"), ({"X-Forwarded-For": "10.1.2.3"}, "1.1"),
                            ({}, "1.0")):
         raw = _request(good("copy"), {**auth, **extra}, version=version)
