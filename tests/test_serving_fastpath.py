@@ -154,7 +154,7 @@ def _mutate(draw, good: dict) -> bytes:  # noqa: ANN001
     return json.dumps(body).encode()
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                    HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_the_fast_path_answers_every_request_as_the_app_route_does(served, data):
