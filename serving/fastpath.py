@@ -13,6 +13,10 @@ path to the app: another request still being answered on the connection (pipelin
 client address), a root path, a concurrency limit, a declared length over the limit. Set
 `http.fast_feedback: false` to send all feedback through the app.
 
+The subclass reads HttpToolsProtocol's own state (its parser, `url`, `headers`, `cycle`, `pipeline`,
+`on_response_complete`), which uvicorn does not promise to keep: the locks pin uvicorn, and
+tests/test_serving_fastpath.py is what says an upgrade broke it (every answer is compared with the route's).
+
 Every connection also makes sure the event loop's lag probe runs (`ServingMetrics.watch_event_loop`):
 the protocol is where Flywheel's code first meets a running server's loop.
 """
