@@ -7,12 +7,16 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 import uuid
 from collections import Counter
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from serving.publisher import read_topic
-from serving.sidecar import FROM_SERVER, SidecarPublisher
+from serving.sidecar import FROM_SERVER, SidecarPublisher, read_lines
 
 
 def _topic(stack, partitions: int = 2) -> str:
@@ -122,3 +126,47 @@ def test_a_server_with_the_sidecar_emits_its_events(stack, tiny_model, tmp_path)
             if e["event_id"] == r["response_id"]] == [r["response_id"]]
     assert [e["event_id"] for e in read_topic(stack.kafka, topics["feedback"].name, until={fb["event_id"]})
             if e["event_id"] == fb["event_id"]] == [fb["event_id"]]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.binary(max_size=300).map(lambda b: b.replace(b"\n", b"")), max_size=40),
+       st.booleans(), st.lists(st.integers(1, 700), min_size=1, max_size=8))
+def test_read_lines_gives_back_every_line_whatever_the_chunks(lines, unfinished, sizes):
+    """The child's batched pipe reader: written in chunks of any size, every line comes back once, in
+    order, without its newline; an unfinished last line comes back at end of file as it was."""
+    data = b"".join(line + b"\n" for line in lines) + (b"tail-without-newline" if unfinished else b"")
+    r, w = os.pipe()
+
+    def write() -> None:
+        i = k = 0
+        while i < len(data):
+            n = sizes[k % len(sizes)]
+            os.write(w, data[i:i + n])
+            i, k = i + n, k + 1
+        os.close(w)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        got = [line for batch in read_lines(r, 0.0) for line in batch]
+    finally:
+        writer.join()
+        os.close(r)
+    assert got == lines + ([b"tail-without-newline"] if unfinished else [])
+
+
+def test_read_lines_takes_what_waited_in_one_batch_and_naps_between_reads():
+    """Records that arrived while the reader napped come back as one batch (one wake-up for all of
+    them), and reads are at least the interval apart."""
+    r, w = os.pipe()
+    try:
+        os.write(w, b"".join(b"record-%d\n" % i for i in range(50)))
+        batches = read_lines(r, 0.05)
+        t0 = time.monotonic()
+        assert next(batches) == [b"record-%d" % i for i in range(50)]
+        os.write(w, b"later\n")
+        assert next(batches) == [b"later"]
+        assert time.monotonic() - t0 >= 0.05
+    finally:
+        os.close(w)
+        os.close(r)
