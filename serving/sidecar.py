@@ -21,7 +21,7 @@ What it keeps and what it does not:
 - A record is written to the pipe or, when the child is gone (it died, or did not start) or the queue is
   full, written as a complete spool segment into `<spool_dir>/from-server/`; every child, when it
   starts, moves those segments into its own spool and replays them in order. So a dead child loses only
-  what it held in memory (its queue and unacknowledged sends), as a crashed serving process does with
+  what it held in memory (its queue, unacknowledged sends, and the lines waiting in the pipe), as a crashed serving process does with
   the in-process publisher; records spilled while a child runs wait for the next child's start. A dead
   child is replaced when the next record finds it gone, at most once per `restart_interval_s`.
 - When the serving process dies, the child reads the end of its stdin and drains: what it still held
