@@ -125,7 +125,7 @@ class EventsConfig:
     # (whose answers wait) runs before the child (whose sends are batched and can wait)
     sidecar_nice: int = 10
     # sidecar only: the child takes the pipe's records at most this often, all at once (0: as each
-    # arrives); records wait in the pipe meanwhile, so this is CPU saved on both sides, not latency added
+    # arrives); records wait in the pipe meanwhile, so this is CPU saved in the child, not latency added
     # to an answer
     sidecar_read_interval_ms: int = 10
 
@@ -221,8 +221,8 @@ def build(cfg: Config):  # noqa: ANN201 - returns serving.app.Service
         cfg.events.bootstrap or endpoints.kafka_bootstrap(), cfg.events.spool_dir or var / "spool",
         queue_size=cfg.events.queue_size, compression=cfg.events.compression,
         delivery_timeout_ms=cfg.events.delivery_timeout_ms, retry_interval_s=cfg.events.retry_interval_s,
-        fsync=cfg.events.fsync, linger_ms=cfg.events.linger_ms, **({"nice": cfg.events.sidecar_nice, "read_interval_ms": cfg.events.sidecar_read_interval_ms}
-           if sidecar else {}))
+        fsync=cfg.events.fsync, linger_ms=cfg.events.linger_ms,
+        **({"nice": cfg.events.sidecar_nice, "read_interval_ms": cfg.events.sidecar_read_interval_ms} if sidecar else {}))
     service = Service(cfg=cfg, backend=backend, router=router, publisher=publisher,
                       secrets=token_secrets(cfg), api_keys=api_keys(cfg), served_name=served_name)
     if cfg.registry.enabled:

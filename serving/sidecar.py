@@ -12,17 +12,16 @@ reports its `state()` as a JSON line on stdout every `STATE_INTERVAL_S`.
 
 The child reads the pipe in batches: it takes what is there, publishes it, then naps until
 `--read-interval-ms` (`events.sidecar_read_interval_ms`) has passed since that read. Woken by every
-line, it ran its Python once per record with caches the other processes had just used, and each write
-in the serving process woke it; taking the records a few milliseconds' worth at a time costs a fraction
-of the CPU on both sides. Records wait in the pipe meanwhile (the kernel's buffer, 1 MiB here), which
+line, it ran its Python once per record with caches the other processes had just used; taking the
+records a few milliseconds' worth at a time halves its CPU per record. Records wait in the pipe meanwhile (the kernel's buffer, 1 MiB here), which
 the producer's own `linger_ms` wait dwarfs.
 
 What it keeps and what it does not:
 - A record is written to the pipe or, when the child is gone (it died, or did not start) or the queue is
   full, written as a complete spool segment into `<spool_dir>/from-server/`; every child, when it
   starts, moves those segments into its own spool and replays them in order. So a dead child loses only
-  what it held in memory (its queue, unacknowledged sends, and the lines waiting in the pipe), as a crashed serving process does with
-  the in-process publisher; records spilled while a child runs wait for the next child's start. A dead
+  what it held in memory (its queue, unacknowledged sends, the lines waiting in the pipe), as a crashed
+  serving process does with the in-process publisher; records spilled while a child runs wait for the next child's start. A dead
   child is replaced when the next record finds it gone, at most once per `restart_interval_s`.
 - When the serving process dies, the child reads the end of its stdin and drains: what it still held
   is sent or spooled, not lost.
@@ -251,8 +250,8 @@ def read_lines(fd: int, interval_s: float) -> Iterator[list[bytes]]:
     last newline (a line the writer did not finish), if anything did."""
     tail = b""
     while True:
-        start = time.monotonic()
         chunk = os.read(fd, 1 << 20)
+        start = time.monotonic()  # after the read: an idle wait for the first record is not a nap
         if not chunk:
             if tail:
                 yield [tail]
