@@ -6,7 +6,7 @@ export TRANSFORMERS_OFFLINE := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help setup lock models stack-up stack-down stack-status demo test bench lint
+.PHONY: help setup lock models stack-up stack-down stack-status demo test bench lint vllm test-vllm
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -42,6 +42,13 @@ test: setup  ## install and run the test suite (tiny model, real broker/Spark/ML
 bench: setup  ## benchmarks under tests/benchmarks, each against its baseline in the same run
 	$(PY) -m infra.models
 	$(PY) -m pytest -q -s -o python_files="bench_*.py" tests/benchmarks $(PYTEST_ARGS)
+
+vllm:  ## opt-in: vLLM for CPUs in .venv-vllm (~3.5 GB), for test-vllm and backend=vllm without a GPU
+	@bash infra/setup-vllm.sh
+
+test-vllm: setup vllm  ## opt-in: the vLLM backend against a real vLLM server (tests/test_serving_vllm_real.py)
+	$(PY) -m infra.models
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests/test_serving_vllm_real.py $(PYTEST_ARGS)
 
 lint:  ## ruff
 	$(PY) -m ruff check .

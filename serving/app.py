@@ -385,8 +385,13 @@ class Service:
                     max_tokens=max_tokens, t0=t0)
                 final.set_result((result, extras))
             except Exception as e:  # noqa: BLE001 - handed to the request
-                log.exception("chat request %s failed", response_id)
-                final.set_exception(e)
+                from serving.engine import RequestRefused
+
+                if isinstance(e, RequestRefused):  # the request's own fault: a 400, nothing to log
+                    final.set_exception(ApiError(400, str(e), code="invalid_request"))
+                else:
+                    log.exception("chat request %s failed", response_id)
+                    final.set_exception(e)
             finally:
                 self.metrics.generation_ended()
                 choice.release()

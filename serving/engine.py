@@ -42,6 +42,10 @@ class PromptTooLong(ValueError):
     """The prompt plus the requested completion does not fit the model's context window."""
 
 
+class RequestRefused(ValueError):
+    """A backend refused the request itself (a remote server's 4xx): the client's fault, answered 400."""
+
+
 class AdapterLoadError(RuntimeError):
     """An adapter folder that cannot be loaded on this base model."""
 

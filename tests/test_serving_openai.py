@@ -432,15 +432,15 @@ def test_non_streaming_client_that_gives_up_cancels_its_row(srv, events) -> None
     ({"presence_penalty": 0.5}, "presence_penalty"), ({"logit_bias": {"3": 1}}, "logit_bias"),
 ])
 def test_a_backend_without_an_option_refuses_it_by_name(srv, body: dict, param: str) -> None:
-    """The vLLM backend does not forward these options: the request is refused naming the field,
-    never answered as if the option had been applied."""
+    """A backend that does not honour these options (it names none in `options`): the request is refused
+    naming the field, never answered as if the option had been applied."""
     from types import SimpleNamespace
 
     from serving.app import ApiError, ChatIn, Service
 
-    vllm_like = SimpleNamespace(cfg=srv.service.cfg, backend=SimpleNamespace(state=lambda: {"backend": "vllm"}))
+    limited = SimpleNamespace(cfg=srv.service.cfg, backend=SimpleNamespace(state=lambda: {"backend": "remote"}))
     req = ChatIn.model_validate({"messages": MSG, **body})
     assert Service.check_openai_fields(srv.service, req)  # the engine honours it
     with pytest.raises(ApiError) as e:
-        Service.check_openai_fields(vllm_like, req)
+        Service.check_openai_fields(limited, req)
     assert (e.value.status, e.value.param) == (400, param)

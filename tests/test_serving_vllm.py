@@ -1,11 +1,13 @@
-"""The GPU path (backend: vllm) against a fake vLLM OpenAI server, since vLLM cannot run on these CPU
-machines (mock by necessity). The fake implements the three endpoints this server uses —
-/v1/chat/completions with logprobs, /v1/load_lora_adapter, /v1/unload_lora_adapter — and records
-the calls, so the test can check the promotion flow: load the new adapter into vLLM before routing
-to it, route requests to it by name, unload the retired one."""
+"""The vLLM backend (backend: vllm) against a small fake of the three vLLM endpoints this server uses:
+/v1/chat/completions (streamed, with logprobs), /v1/load_lora_adapter, /v1/unload_lora_adapter. The
+fake records the calls, so these tests check the promotion flow (load the new adapter into vLLM before
+routing to it, route by name, unload the retired one), token-by-token streaming, the OpenAI options
+passed on, a vLLM 400 answered as our 400, and a client's disconnect closing the stream to vLLM.
+The same backend against a real vLLM server: tests/test_serving_vllm_real.py (opt-in, `make vllm`)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 import threading
@@ -16,6 +18,7 @@ import httpx
 import pytest
 import uvicorn
 from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from ingest.config import load_config
 from serving.serve import BackgroundServer, Config
@@ -29,7 +32,7 @@ MODEL_NAME = "vllm-test-assistant"
 
 def fake_vllm() -> tuple[FastAPI, dict]:
     app = FastAPI()
-    seen: dict = {"loaded": [], "unloaded": [], "models": [], "adapters": set()}
+    seen: dict = {"loaded": [], "unloaded": [], "models": [], "adapters": set(), "bodies": [], "streams_open": 0}
 
     @app.post("/v1/load_lora_adapter")
     async def load(req: Request):  # noqa: ANN202
@@ -49,17 +52,36 @@ def fake_vllm() -> tuple[FastAPI, dict]:
     @app.post("/v1/chat/completions")
     async def chat(req: Request):  # noqa: ANN202
         body = await req.json()
-        assert body["logprobs"] is True
+        assert body["logprobs"] is True and body["stream"] is True and body["stream_options"]["include_usage"]
         model = body["model"]
         if model != "tiny" and model not in seen["adapters"]:
-            return {"error": f"model {model} not found"}, 404
+            return JSONResponse({"error": {"message": f"model {model} not found"}}, 404)
+        if any(int(t) >= 1000 for t in body.get("logit_bias", {})):
+            return JSONResponse({"error": {"message": "token_id in logit_bias out of vocabulary"}}, 400)
         seen["models"].append(model)
-        tokens = ["Hello", " from", " " + model]
-        return {"id": "x", "object": "chat.completion", "model": model,
-                "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant",
-                             "content": "".join(tokens)},
-                             "logprobs": {"content": [{"token": t, "logprob": -0.5} for t in tokens]}}],
-                "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}
+        seen["bodies"].append(body)
+        # "slow" asks for a long answer, a token every 50 ms (a client can leave in the middle)
+        slow = "slow" in json.dumps(body["messages"])
+        tokens = [f" t{i}" for i in range(200)] if slow else ["Hello", " from", " " + model]
+
+        async def sse():  # noqa: ANN202
+            seen["streams_open"] += 1
+            try:
+                for i, t in enumerate(tokens):
+                    if slow:
+                        await asyncio.sleep(0.05)
+                    entry = {"token": t, "logprob": -0.5, "bytes": list(t.encode()), "top_logprobs": []}
+                    chunk = {"id": "x", "object": "chat.completion.chunk", "model": model, "choices": [
+                        {"index": 0, "delta": {"content": t}, "logprobs": {"content": [entry]},
+                         "finish_reason": "stop" if i == len(tokens) - 1 else None}]}
+                    yield f"data: {json.dumps(chunk)}\n\n"
+                usage = {"prompt_tokens": 5, "completion_tokens": len(tokens), "total_tokens": 5 + len(tokens)}
+                yield f"data: {json.dumps({'id': 'x', 'choices': [], 'usage': usage})}\n\n"
+                yield "data: [DONE]\n\n"
+            finally:  # also when the gateway closed the connection (asyncio cancels the generator)
+                seen["streams_open"] -= 1
+
+        return StreamingResponse(sse(), media_type="text/event-stream")
 
     return app, seen
 
@@ -134,11 +156,11 @@ def test_vllm_logprob_that_is_no_log_probability_raises(token_logprob):
     from serving.vllm import VllmBackend
 
     def chat(value: float) -> httpx.Response:
-        tokens = ["a", "b"]
-        body = {"choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "ab"},
-                             "logprobs": {"content": [{"token": t, "logprob": value} for t in tokens]}}],
-                "usage": {"prompt_tokens": 3, "completion_tokens": 2}}
-        return httpx.Response(200, content=json.dumps(body), headers={"content-type": "application/json"})  # NaN too
+        chunks = [{"choices": [{"index": 0, "delta": {"content": t}, "finish_reason": None,
+                                "logprobs": {"content": [{"token": t, "logprob": value}]}}]} for t in "ab"]
+        chunks.append({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}})
+        body = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"  # NaN too
+        return httpx.Response(200, content=body, headers={"content-type": "text/event-stream"})
 
     backend = VllmBackend("http://vllm.invalid", "tiny")
     try:
@@ -150,3 +172,52 @@ def test_vllm_logprob_that_is_no_log_probability_raises(token_logprob):
         assert backend.stats["errors"] == 1
     finally:
         backend.close()
+
+
+def _vllm_server(url: str, tmp_path: Path, *overrides: str) -> BackgroundServer:
+    cfg = load_config(Config, REPO / "serving/configs/serve.vllm.yaml", [
+        "http.port=0", "model.base=tiny", f"vllm.url={url}", "registry.enabled=false",
+        f"events.spool_dir={tmp_path / 'spool'}", *overrides])
+    return BackgroundServer(cfg)
+
+
+def test_vllm_streams_token_by_token_with_openai_options(stack, tiny_model, vllm_url, tmp_path):
+    """Each vLLM chunk reaches the official client as its own chunk, with its log-prob entry; stop,
+    top_logprobs, penalties and logit_bias reach vLLM; a logit_bias vLLM refuses is our 400, not a 500."""
+    import openai
+
+    url, seen = vllm_url
+    with private_topics(stack.kafka), _vllm_server(url, tmp_path) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="none")
+        stream = client.chat.completions.create(
+            model="flywheel", messages=[{"role": "user", "content": "hi"}], stream=True, stop=["zz"],
+            logprobs=True, top_logprobs=2, presence_penalty=0.5, frequency_penalty=0.25, logit_bias={"7": 2.0})
+        chunks = [c for c in stream if c.choices and c.choices[0].delta.content]
+        assert [c.choices[0].delta.content for c in chunks] == ["Hello", " from", " tiny"]
+        assert [[e.token for e in c.choices[0].logprobs.content] for c in chunks] == [["Hello"], [" from"], [" tiny"]]
+        sent = seen["bodies"][-1]
+        assert (sent["stop"], sent["top_logprobs"], sent["presence_penalty"], sent["frequency_penalty"],
+                sent["logit_bias"]) == (["zz"], 2, 0.5, 0.25, {"7": 2.0})
+        with pytest.raises(openai.BadRequestError, match="out of vocabulary"):
+            client.chat.completions.create(model="flywheel", messages=[{"role": "user", "content": "hi"}],
+                                           logit_bias={"5000": 1.0})
+
+
+def test_vllm_stream_closed_when_the_client_leaves(stack, tiny_model, vllm_url, tmp_path):
+    """A client that leaves mid-answer closes the gateway's stream to vLLM (which aborts the request
+    there) within a token or two, instead of the ~10 s the answer would still take."""
+    url, seen = vllm_url
+    with private_topics(stack.kafka), _vllm_server(url, tmp_path) as srv:
+        with httpx.stream("POST", srv.url + "/v1/chat/completions", timeout=30, json={
+                "messages": [{"role": "user", "content": "slow"}], "stream": True}) as r:
+            contents = 0
+            for line in r.iter_lines():
+                contents += '"content": " t' in line
+                if contents == 3:
+                    break
+        assert seen["streams_open"] == 1  # vLLM is still generating when the client leaves
+        left = time.monotonic()
+        while seen["streams_open"] and time.monotonic() - left < 5:
+            time.sleep(0.01)
+        assert seen["streams_open"] == 0 and time.monotonic() - left < 1.0
+        assert srv.service.backend.stats["cancelled"] == 1
