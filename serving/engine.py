@@ -101,35 +101,33 @@ def _generator(seed: int | None) -> torch.Generator:
 
 class IncrementalText:
     """Detokenises one answer token by token in linear time, where decoding the whole answer at every
-    token is quadratic.
+    token is quadratic: `tokenizers`' DecodeStream, which holds tokens back until their bytes make whole
+    UTF-8 characters. `flush()` returns what is still held back at the end (a broken character decodes
+    to U+FFFD, as `tokenizer.decode` shows it), so the pieces add up to `tokenizer.decode(ids)`
+    (tests/test_serving_openai.py checks it on the models served here)."""
 
-    Only a short window is decoded per step: the tokens since the last emitted text plus the ones
-    before them (so a decoder that strips a leading space, like SentencePiece's, sees its context).
-    Text is emitted once it does not end in U+FFFD, i.e. once a multi-byte character is complete;
-    `flush()` returns what is still held back. The pieces add up to `tokenizer.decode(ids)` for
-    decoders that map tokens to bytes locally (byte-level BPE, SentencePiece; tests/test_serving_openai.py
-    checks it on the models served here); vLLM detokenises the same way."""
+    def __init__(self, tokenizer: Any):  # noqa: ANN401 - a Hugging Face tokenizer with a `tokenizers` backend
+        from tokenizers.decoders import DecodeStream
 
-    def __init__(self, tokenizer: Any):  # noqa: ANN401 - any Hugging Face tokenizer
+        self.backend = getattr(tokenizer, "backend_tokenizer", None)
+        if self.backend is None:
+            raise ValueError(f"{type(tokenizer).__name__} has no fast (`tokenizers`) backend, which streamed "
+                             f"detokenisation needs; use a model that ships a tokenizer.json")
         self.decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+        self.stream = DecodeStream(skip_special_tokens=True)
         self.ids: list[int] = []
-        self.prefix = 0  # start of the context window
-        self.read = 0  # tokens whose text has been emitted
+        self.emitted = 0  # characters returned so far
 
     def step(self, token: int) -> str:
         self.ids.append(token)
-        before = self.decode(self.ids[self.prefix:self.read])
-        now = self.decode(self.ids[self.prefix:])
-        if len(now) > len(before) and not now.endswith("\ufffd"):
-            self.prefix, self.read = self.read, len(self.ids)
-            return now[len(before):]
-        return ""
+        piece = self.stream.step(self.backend, token) or ""
+        self.emitted += len(piece)
+        return piece
 
     def flush(self) -> str:
-        before = self.decode(self.ids[self.prefix:self.read])
-        now = self.decode(self.ids[self.prefix:])
-        self.prefix = self.read = len(self.ids)
-        return now[len(before):]
+        rest = self.decode(self.ids)[self.emitted:]  # one decode per answer: linear
+        self.emitted += len(rest)
+        return rest
 
 
 def _byte_level_alphabet() -> dict[str, int]:
