@@ -48,7 +48,7 @@ vllm:  ## opt-in: vLLM for CPUs in .venv-vllm (~3.5 GB), for test-vllm and backe
 
 test-vllm: setup vllm  ## opt-in: the vLLM backend against a real vLLM server (tests/test_serving_vllm_real.py)
 	$(PY) -m infra.models
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests/test_serving_vllm_real.py $(PYTEST_ARGS)
+	FLYWHEEL_TEST_VLLM=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q tests/test_serving_vllm_real.py $(PYTEST_ARGS)
 
 lint:  ## ruff
 	$(PY) -m ruff check .

@@ -10,14 +10,16 @@ tests/test_serving_vllm_real.py and tests/benchmarks/bench_serving_vllm.py start
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
+from infra.stack import http_ok
 
 REPO = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
@@ -57,30 +59,28 @@ def server(model: str, served_name: str, port: int, log: Path, dtype: str | None
     if not available():
         raise FileNotFoundError(MISSING)
     with open(log, "w") as out:
+        # its own process group: vLLM runs its engine in a child process, which must stop with it
         proc = subprocess.Popen(command(model, served_name, port, dtype or native_dtype(), max_model_len),
-                                stdout=out, stderr=subprocess.STDOUT, env=environment())
+                                stdout=out, stderr=subprocess.STDOUT, env=environment(), start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + start_timeout
-        while True:
+        while not http_ok(url + "/health"):
             if proc.poll() is not None:
                 raise RuntimeError(f"vLLM exited with {proc.returncode}; its log ({log}) ends:\n"
                                    + log.read_text()[-3000:])
             if time.monotonic() > deadline:
                 raise TimeoutError(f"vLLM did not answer /health in {start_timeout:.0f} s; see {log}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
             time.sleep(0.5)
         yield url
     finally:
-        proc.terminate()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
 
 

@@ -388,7 +388,7 @@ class Service:
                 from serving.engine import RequestRefused
 
                 if isinstance(e, RequestRefused):  # the request's own fault: a 400, nothing to log
-                    final.set_exception(ApiError(400, str(e), code="invalid_request"))
+                    final.set_exception(ApiError(400, str(e), param=e.param))
                 else:
                     log.exception("chat request %s failed", response_id)
                     final.set_exception(e)
@@ -792,7 +792,9 @@ async def _sse(finals: list[Future], meta: dict, deltas: asyncio.Queue, created:
             try:
                 result, extras = finals[index].result()
             except Exception as e:  # noqa: BLE001 - the status line is gone; say it in the stream
-                yield f"data: {json.dumps(error_body(str(e), 'server_error', 'internal_error'))}\n\n"
+                body = (error_body(e.message, "invalid_request_error", e.code, e.param) if isinstance(e, ApiError)
+                        else error_body(str(e), "server_error", "internal_error"))
+                yield f"data: {json.dumps(body)}\n\n"
                 yield "data: [DONE]\n\n"
                 return
             yield _chunk(rid, model, created, {}, finish=result.finish_reason, extras=extras, index=index)

@@ -43,7 +43,12 @@ class PromptTooLong(ValueError):
 
 
 class RequestRefused(ValueError):
-    """A backend refused the request itself (a remote server's 4xx): the client's fault, answered 400."""
+    """A backend refused the request itself (a remote server's 4xx): the client's fault, answered 400
+    naming `param`, the request field at fault, when the backend said which."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class AdapterLoadError(RuntimeError):
@@ -103,8 +108,8 @@ class IncrementalText:
     """Detokenises one answer token by token in linear time, where decoding the whole answer at every
     token is quadratic: `tokenizers`' DecodeStream, which holds tokens back until their bytes make whole
     UTF-8 characters. `flush()` returns what is still held back at the end (a broken character decodes
-    to U+FFFD, as `tokenizer.decode` shows it), so the pieces add up to `tokenizer.decode(ids)`
-    (tests/test_serving_openai.py checks it on the models served here)."""
+    to U+FFFD), so the pieces add up to the backend's decode of the whole answer, which is
+    `tokenizer.decode` for the tokenizers served here (tests/test_serving_openai.py checks it)."""
 
     def __init__(self, tokenizer: Any):  # noqa: ANN401 - a Hugging Face tokenizer with a `tokenizers` backend
         from tokenizers.decoders import DecodeStream
@@ -113,19 +118,28 @@ class IncrementalText:
         if self.backend is None:
             raise ValueError(f"{type(tokenizer).__name__} has no fast (`tokenizers`) backend, which streamed "
                              f"detokenisation needs; use a model that ships a tokenizer.json")
-        self.decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
-        self.stream = DecodeStream(skip_special_tokens=True)
+        self.stream: DecodeStream | None = DecodeStream(skip_special_tokens=True)
         self.ids: list[int] = []
         self.emitted = 0  # characters returned so far
 
     def step(self, token: int) -> str:
         self.ids.append(token)
-        piece = self.stream.step(self.backend, token) or ""
+        if self.stream is None:
+            return ""
+        try:
+            piece = self.stream.step(self.backend, token) or ""
+        except Exception as e:  # noqa: BLE001 - DecodeStream's InvalidPrefix, for decoders that rewrite earlier text
+            # The answer stays right: the rest of it comes whole from flush(), only later.
+            log.warning("streamed detokenisation stopped for this answer (%s); its text follows at the end", e)
+            self.stream = None
+            return ""
         self.emitted += len(piece)
         return piece
 
     def flush(self) -> str:
-        rest = self.decode(self.ids)[self.emitted:]  # one decode per answer: linear
+        # The same decoder the stream used (not tokenizer.decode, whose clean-up of spaces may differ):
+        # one decode per answer, so still linear.
+        rest = self.backend.decode(self.ids, skip_special_tokens=True)[self.emitted:]
         self.emitted += len(rest)
         return rest
 
@@ -262,6 +276,7 @@ class Engine:
         self.dtype = self.precision.torch_dtype
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.tokenizer.padding_side = "left"  # batched decoding needs left padding
+        IncrementalText(self.tokenizer)  # refuses a tokenizer it cannot stream at load, not in every batch
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=self.dtype).to(self.device).eval()

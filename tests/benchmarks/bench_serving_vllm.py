@@ -70,6 +70,7 @@ def _chat(url: str, i: int, stream: bool) -> dict:
                     first = time.perf_counter() - t0
                 if j.get("usage"):
                     tokens = j["usage"]["completion_tokens"]
+        assert first is not None, f"no text came back for request {i}"
         return {"first_s": first, "total_s": time.perf_counter() - t0, "tokens": tokens}
 
 
