@@ -12,10 +12,13 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
@@ -31,6 +34,36 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextmanager
+def serving_process(var: Path, config: str, *overrides: str, start_timeout: float = 60):  # noqa: ANN201 - yields the URL
+    """`python -m serving --config config` with `overrides` as its own process (client and server share no GIL), on a
+    free port, against the test stack; ready once /healthz says the producer is connected."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "serving", "--config", config, f"http.port={port}", "http.token_secret=test-secret",
+           "registry.enabled=false", f"events.spool_dir={var / 'spool'}", *overrides]
+    with open(var / "server.log", "w") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + start_timeout
+    while True:
+        try:
+            if httpx.get(url + "/healthz", timeout=1).json()["events"]["mode"] == "direct":
+                break
+        except (httpx.HTTPError, KeyError):
+            pass
+        assert proc.poll() is None, (var / "server.log").read_text()[-2000:]
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"the server was not ready in {start_timeout} s: "
+                                 + (var / "server.log").read_text()[-2000:])
+        time.sleep(0.2)
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 @dataclass

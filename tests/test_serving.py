@@ -357,3 +357,48 @@ def test_broker_outage_under_traffic_loses_nothing(server, stack):
     assert not wrong, wrong
     assert spooling["mode"] == "spooling" or spooling["spool_pending"] or state["spooled"], \
         "the outage never reached the spool; raise FLYWHEEL_TEST_OUTAGE_S"
+
+
+def test_two_server_processes_share_tokens_across_restarts_until_the_secret_is_retired(stack, tiny_model, tmp_path):
+    """Two `python -m serving` processes with one secret: an answer from A gets feedback accepted by B;
+    after A restarts, feedback on that answer is still accepted (s2 now signs, s1 still verifies); a
+    process that retired s1 refuses it with 401 and accepts a token signed by s2. Each accepted feedback
+    lands in Kafka once. (tests/test_serving_api.py checks the same rules on in-process replicas.)"""
+    from conftest import serving_process
+
+    def server(name: str, secrets: str):  # noqa: ANN202
+        (tmp_path / name).mkdir()
+        return serving_process(tmp_path / name, "serving/configs/serve.tiny.yaml", "generation.max_tokens=4",
+                               f"http.token_secrets=[{secrets}]")
+
+    def chat(url: str) -> dict:
+        r = httpx.post(url + "/v1/chat/completions", timeout=30,
+                       json={"messages": [{"role": "user", "content": "hi"}], "user": "ann"})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    def feedback(url: str, answer: dict, kind: str) -> httpx.Response:
+        return httpx.post(url + "/v1/feedback", timeout=30, json={
+            "response_id": answer["response_id"], "user": "ann", "kind": kind,
+            "feedback_token": answer["feedback_token"]})
+
+    accepted = []
+    with private_topics(stack.kafka) as topics:
+        with server("a", "s1") as a, server("b", "s1") as b:
+            answer = chat(a)
+            r = feedback(b, answer, "thumbs_up")
+            assert r.status_code == 202, r.text
+            accepted.append(r.json()["event_id"])
+        with server("a-restarted", "s2,s1") as a:
+            r = feedback(a, answer, "copy")
+            assert r.status_code == 202, r.text
+            accepted.append(r.json()["event_id"])
+            signed_by_s2 = chat(a)
+        with server("s1-retired", "s2") as c:
+            refused = feedback(c, answer, "thumbs_down")
+            assert refused.status_code == 401 and refused.json()["error"]["code"] == "bad_token", refused.text
+            r = feedback(c, signed_by_s2, "thumbs_up")
+            assert r.status_code == 202, r.text
+            accepted.append(r.json()["event_id"])
+        landed = [e["event_id"] for e in read_topic(stack.kafka, topics["feedback"].name, until=set(accepted))]
+    assert sorted(landed) == sorted(accepted)

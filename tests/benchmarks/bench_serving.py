@@ -43,11 +43,11 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
+from conftest import free_port, serving_process
 
 from tests.benchmarks._machine import BENCH_DIR, Target
 from tests.benchmarks._machine import save as save_json
@@ -68,40 +68,6 @@ def save(name: str, data: dict, dtype: str | None, threads: int = THREADS, targe
 def pct(xs: list[float], p: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def serving_process(var: Path, config: str, *overrides: str, start_timeout: float = 60):  # noqa: ANN201 - yields the URL
-    """`python -m serving --config config` with `overrides` as its own process (client and server share no GIL), on a
-    free port, against the test stack; ready once /healthz says the producer is connected."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "serving", "--config", config, f"http.port={port}", "http.token_secret=bench",
-           "registry.enabled=false", f"events.spool_dir={var / 'spool'}", *overrides]
-    with open(var / "server.log", "w") as log:  # the child keeps its own descriptor
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + start_timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/healthz", timeout=1).json()["events"]["mode"] == "direct":
-                break
-        except (httpx.HTTPError, KeyError):
-            pass
-        assert proc.poll() is None, (var / "server.log").read_text()[-2000:]
-        time.sleep(0.2)
-    try:
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")

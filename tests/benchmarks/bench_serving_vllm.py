@@ -21,10 +21,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from conftest import free_port, serving_process
 
 from infra import vllm_cpu
 from tests.benchmarks._machine import Target
-from tests.benchmarks.bench_serving import PROMPTS, free_port, save, serving_process
+from tests.benchmarks.bench_serving import PROMPTS, save
 
 pytestmark = pytest.mark.skipif(not vllm_cpu.available(), reason=vllm_cpu.MISSING)
 SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"  # SmolLM2's default
