@@ -157,6 +157,24 @@ def test_token_bytes_add_up_to_the_answer(tokenizers, data) -> None:
         assert b"".join(tb(i) for i in ids).decode("utf-8", errors="replace") == tok.decode(ids)
 
 
+def test_incremental_text_keeps_the_answer_when_the_stream_decoder_fails(tokenizers) -> None:
+    """If DecodeStream raises on some token (its InvalidPrefix, for decoders that rewrite earlier text),
+    that answer stops streaming but its text stays whole: what was sent plus flush() is the decode."""
+    tok = tokenizers[0]
+    ids = tok("coffee and sleep are friends", add_special_tokens=False)["input_ids"]
+    inc = IncrementalText(tok)
+    sent = "".join(inc.step(t) for t in ids[:3])
+
+    class Failing:
+        def step(self, *_args) -> str:  # noqa: ANN002
+            raise Exception("InvalidPrefix")  # noqa: TRY002 - the tokenizers exception's class is not public
+
+    inc.stream = Failing()
+    later = "".join(inc.step(t) for t in ids[3:])
+    assert later == "" and inc.stream is None
+    assert sent + inc.flush() == tok.decode(ids, skip_special_tokens=True)
+
+
 def test_incremental_text_is_linear(tokenizers) -> None:
     """Time per token stays flat however long the answer: 4,000 tokens cost under 4x per token what 400
     do (re-decoding the whole answer at each token measured 9x there). Best of three each, interleaved,
